@@ -1,0 +1,142 @@
+"""Config dataclasses shared by every recipe, parsed by `trl.TrlParser` from YAML plus CLI overrides.
+
+A recipe parses `(RecipeArguments, <TRL trainer config>, QLoRAModelConfig)` (plus its own dataclass when it has
+one). Unknown keys in the YAML or on the command line are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+
+@dataclass
+class RecipeArguments(ScriptArguments):
+    """Data, tracking and bookkeeping options common to all recipes (on top of TRL's `ScriptArguments`)."""
+
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Optional separate eval dataset (hub name or local path); default: `dataset_name`."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    wandb_project: str = field(default="post-training-recipes", metadata={"help": "W&B project."})
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (team or user)."})
+    wandb_group: str | None = field(default=None, metadata={"help": "W&B group (e.g. a study name)."})
+    wandb_tags: list[str] = field(default_factory=list, metadata={"help": "Extra W&B tags."})
+    parent_run: str | None = field(
+        default=None,
+        metadata={"help": "Output dir of the run this one starts from (e.g. the SFT run), recorded as lineage."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train again into an output_dir that holds a finished run (nothing is deleted up front)."},
+    )
+    eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Evaluation-suite tasks run every eval_steps and at the end (gsm8k, mmlu, length, diversity)."
+        },
+    )
+    eval_gsm8k_path: str | None = field(default=None, metadata={"help": "GSM8K-layout data for eval (jsonl or hub)."})
+    eval_mmlu_dir: str | None = field(default=None, metadata={"help": "MMLU CSV directory (dev/ + test/) for eval."})
+    eval_num_samples: int = field(default=64, metadata={"help": "Size of the fixed, seeded eval subset."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation limit for generative eval tasks."})
+
+
+@dataclass
+class QLoRAModelConfig(ModelConfig):
+    """TRL's `ModelConfig` with the project's defaults: QLoRA (NF4, double quantization) on all linear layers."""
+
+    load_in_4bit: bool = field(default=True, metadata={"help": "Load the base in 4-bit NF4 (QLoRA)."})
+    use_bnb_nested_quant: bool = field(default=True, metadata={"help": "Double quantization of the 4-bit scales."})
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get LoRA; 'all-linear' is the QLoRA paper's choice."},
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "After training, also save the adapter merged into a bf16 copy of the base (never 4-bit)."},
+    )
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message says what, where and how."""
+
+
+def _config_path(args: Sequence[str]) -> str | None:
+    if "--config" not in args:
+        return None
+    i = list(args).index("--config")
+    if i + 1 >= len(args):
+        raise ConfigError("`--config` needs a path to a YAML file, e.g. `--config recipes/sft/config.yaml`.")
+    return args[i + 1]
+
+
+def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse `--config FILE.yaml` plus `--key value` overrides into the given dataclasses.
+
+    On a machine without CUDA, TRL's default `bf16=True` cannot run; we default to CPU in float32 instead
+    (a YAML or CLI value still wins, and then fails with the explanation below).
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    config_path = _config_path(args)
+    if config_path is not None and not Path(config_path).is_file():
+        raise ConfigError(
+            f"Config file not found: {config_path!r}. Pass an existing YAML, e.g. recipes/sft/config.yaml."
+        )
+
+    parser = TrlParser(list(dataclass_types))
+    if not torch.cuda.is_available():
+        parser.set_defaults(bf16=False, use_cpu=True)
+    try:
+        parsed = parser.parse_args_and_config(args=args)
+    except ValueError as err:
+        message = str(err)
+        if "Unknown arguments from config file" in message:
+            raise ConfigError(
+                f"{message.split('. Please')[0]} in {config_path}. Remove or rename them; the valid keys are the "
+                f"fields of {', '.join(t.__name__ for t in dataclass_types)} (see `--help`)."
+            ) from err
+        if "bf16" in message or "fp16" in message:
+            raise ConfigError(
+                f"{message}\nThis machine has no CUDA GPU: set `bf16: false` (or pass `--bf16 false`) to train in "
+                f"float32 on CPU, or run on a GPU."
+            ) from err
+        raise
+    return tuple(parsed)
+
+
+def config_to_dict(*configs: Any) -> dict[str, Any]:
+    """The full resolved config, one section per dataclass, for logging and for `run_complete.json`."""
+    resolved: dict[str, Any] = {}
+    for config in configs:
+        if hasattr(config, "to_dict"):
+            section = config.to_dict()
+        else:
+            section = dataclasses.asdict(config)
+        resolved[type(config).__name__] = {k: _jsonable(v) for k, v in section.items()}
+    return resolved
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,35 @@
+"""Every shipped YAML parses: recipe configs through their recipe's dataclasses, accelerate configs as YAML."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes.common.config import parse_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE_CONFIGS = sorted(p for p in (REPO_ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "common")
+
+
+def test_there_are_recipe_configs() -> None:
+    assert any(p.parent.name == "sft" for p in RECIPE_CONFIGS)
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_config_parses(path: Path, tmp_path: Path) -> None:
+    module = importlib.import_module(f"recipes.{path.parent.name}.train")
+    types = module.CONFIG_TYPES
+    # GPU configs ask for bf16; `--use_cpu true` lets this CPU machine validate every key of them all the same.
+    parsed = parse_config(types, ["--config", str(path), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+    assert len(parsed) == len(types)
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_config_is_valid(path: Path) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = yaml.safe_load(path.read_text())
+    ClusterConfig(**config)  # accelerate's own schema: unknown or mistyped keys raise
