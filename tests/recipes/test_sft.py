@@ -87,7 +87,10 @@ def test_adapter_reloads_with_same_logits(sft_run: tuple, demo_dir: Path) -> Non
     with torch.no_grad():
         expected = trainer.model(**inputs).logits
         actual = reloaded(**inputs).logits
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    # TRL keeps QLoRA adapter weights in bf16 while training; peft reloads them into float32, so the two forward
+    # passes agree to bf16 precision, not bit for bit.
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
 
 
 def test_wandb_offline_run_written(sft_run: tuple) -> None:

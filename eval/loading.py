@@ -1,0 +1,119 @@
+"""Loading a causal LM to evaluate: a local directory or hub id, optionally 4-bit NF4, optionally with a LoRA adapter.
+
+`trust_remote_code` is always False. CPU unless CUDA is available.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from eval.data import EvalError, demo_hint
+
+
+def resolve_device(device: str | None = None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"Device {device!r} asked for, but CUDA is not available here; use `--device cpu`.")
+    return device
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id: hub ids are `name` or `org/name`."""
+    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or Path(name).exists()
+
+
+def check_model_source(name: str, what: str = "model") -> None:
+    """Fail before any loading when a local model directory is missing or is not a saved HF model."""
+    path = Path(name).expanduser()
+    if looks_local(name) or path.exists():
+        if not path.is_dir():
+            raise EvalError(f"The {what} path {name!r} does not exist.{demo_hint(name)}")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise EvalError(
+                f"The {what} path {name!r} holds no config.json or adapter_config.json: not a saved HF model or "
+                "peft adapter (save with `model.save_pretrained(dir)`)."
+            )
+
+
+def quantization_config() -> BitsAndBytesConfig:
+    """4-bit NF4 with double quantization; compute in bf16 on CUDA and float32 on CPU (bitsandbytes runs both)."""
+    compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise EvalError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass `--model BASE`.")
+    return base
+
+
+def load_model_and_tokenizer(
+    model: str,
+    adapter: str | None = None,
+    load_in_4bit: bool = False,
+    device: str | None = None,
+    dtype: str = "auto",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in eval mode and its tokenizer (from the adapter directory when it saved one: training may have
+    changed the chat template or the pad token). `model` may itself be an adapter directory; its base is then read
+    from adapter_config.json."""
+    check_model_source(model)
+    model_path = Path(model).expanduser()
+    if (
+        adapter is None
+        and (model_path / "adapter_config.json").is_file()
+        and not (model_path / "config.json").is_file()
+    ):
+        adapter, model = model, _adapter_base(model_path)
+        check_model_source(model, what="adapter's base model")
+    if adapter is not None:
+        adapter_dir = Path(adapter).expanduser()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise EvalError(
+                f"Adapter directory {adapter!r} has no adapter_config.json: pass a directory saved by peft "
+                "(`model.save_pretrained(dir)` on a PeftModel)."
+            )
+    device = resolve_device(device)
+    kwargs: dict = {"trust_remote_code": False, "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["device_map"] = {"": device}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        tokenizer_source = model
+        if adapter is not None:
+            from peft import PeftModel
+
+            loaded = PeftModel.from_pretrained(loaded, adapter)
+            if (Path(adapter) / "tokenizer_config.json").is_file():
+                tokenizer_source = adapter
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise EvalError(
+            f"Could not load model {model!r}{f' with adapter {adapter!r}' if adapter else ''}: "
+            f"{type(err).__name__}: {err}. Pass a local directory saved with save_pretrained, or a hub id with hub "
+            "access allowed (unset HF_HUB_OFFLINE)."
+        ) from err
+    if not load_in_4bit:
+        loaded = loaded.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded.eval(), tokenizer

@@ -1,0 +1,281 @@
+"""PPO (RLHF) with QLoRA on TRL 1.12's `trl.experimental.ppo.PPOTrainer`, starting from the SFT output.
+
+    accelerate launch recipes/ppo/train.py --config recipes/ppo/config.yaml [--key value ...]
+
+Reads top to bottom: parse config, check the output dir, load and tokenize the prompts (left-padded ids, as TRL's
+PPO wants), load policy (+ reference adapter), value model and reward, set up W&B and the evaluation callback,
+evaluate the SFT policy, train (resuming from the last checkpoint of an interrupted run), evaluate, save the adapter.
+How policy, reference, value and reward are built: recipes/ppo/modeling.py and rewards.py; checkpoints and
+resume: recipes/ppo/trainer.py; the reasons: recipes/ppo/README.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    from trl.experimental.ppo import PPOConfig
+except ImportError as err:  # trl >= 1.13 removed PPOTrainer; say what to install instead of a bare ImportError
+    raise ImportError(
+        "The PPO recipe needs `trl.experimental.ppo.PPOTrainer`, which exists in trl 1.12 only (removed in 1.13). "
+        "Install it with `pip install 'trl>=1.12,<1.13'`."
+    ) from err
+
+from accelerate import PartialState
+
+from recipes.common import policy as common_policy
+from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
+from recipes.common.data import load_train_eval, take
+from recipes.common.evaluation import build_eval_callback
+from recipes.common.modeling import describe_precision
+from recipes.common.outputs import mark_finished, prepare_output_dir
+from recipes.common.reward import (
+    CombinedRewardModel,
+    PromptSafetyTags,
+    RewardCombination,
+    load_reward_model,
+    safety_tags,
+)
+from recipes.common.tracking import init_wandb, run_location
+from recipes.ppo.data import PPO_FORMATS, check_same_tokenizers, load_policy_tokenizer, select_prompts, tokenize_prompts
+from recipes.ppo.modeling import AdapterReference, load_policy, load_value_model, value_backbone
+from recipes.ppo.rewards import REWARD_SOURCES, PPOReward, PromptTable
+from recipes.ppo.trainer import (
+    ResumablePPOTrainer,
+    check_resumable,
+    checkpoint_is_complete,
+    last_complete_checkpoint,
+    planned_updates,
+)
+
+TRL_PLACEHOLDER_PATH = PPOConfig.reward_model_path  # PPOConfig's default ("EleutherAI/pythia-160m"): means unset
+
+
+@dataclass
+class PPOScriptArguments:
+    """PPO options beyond TRL's `PPOConfig`, whose `reward_model_path` names the (helpfulness) reward model."""
+
+    reward_source: str = field(
+        default="math",
+        metadata={
+            "help": "math: 1/0 from the GSM8K grader against each prompt's `answer`; reward_model: the reward model "
+            "at reward_model_path, combined with safety_reward_model_path when set (Llama 2)."
+        },
+    )
+    math_grading: str = field(default="flexible", metadata={"help": "eval.gsm8k.grade mode: flexible or strict."})
+    math_partial_credit: float = field(
+        default=0.0,
+        metadata={"help": "Math reward += this x F1 of the response's numbers vs the reference solution's numbers."},
+    )
+    safety_reward_model_path: str | None = field(default=None, metadata={"help": "Safety RM output dir (optional)."})
+    safety_threshold: float = field(default=0.15, metadata={"help": "Use the safety score when sigmoid(r_s) < this."})
+    reward_whitening: str = field(default="batch", metadata={"help": "Combined reward whitening: batch or none."})
+    value_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Value model init; default: reward_model_path for the RM reward, else the policy's base."},
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Pad token for PPO (in the vocabulary, not EOS), for tokenizers that pad with EOS."},
+    )
+    drop_long_prompts: bool = field(
+        default=False, metadata={"help": "Drop prompts with no room for response_length tokens instead of failing."}
+    )
+    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the SFT policy at step 0."})
+
+
+CONFIG_TYPES = (RecipeArguments, PPOConfig, QLoRAModelConfig, PPOScriptArguments)
+
+
+def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
+    recipe_args, training_args, model_args, ppo_args = parse_config(CONFIG_TYPES, argv)
+    check_options(ppo_args, training_args, model_args)
+    resume_from = prepare_output_dir(
+        training_args.output_dir, recipe_args.overwrite_output_dir, training_args.resume_from_checkpoint
+    )
+    if resume_from and not checkpoint_is_complete(resume_from):
+        complete = last_complete_checkpoint(training_args.output_dir)
+        print(f"[ppo] {resume_from} is incomplete (killed while saving?); resuming from {complete}", flush=True)
+        resume_from = complete
+
+    # Data: prompts validated and tokenized (input_ids only, left-padded by the trainer) before any model loads.
+    train_raw, eval_raw = load_train_eval(
+        recipe_args.dataset_name,
+        recipe_args.dataset_train_split,
+        recipe_args.dataset_test_split,
+        recipe_args.dataset_config,
+        PPO_FORMATS,
+        recipe="PPO",
+        eval_name_or_path=recipe_args.eval_dataset_name,
+    )
+    needs_answer = ppo_args.reward_source == "math"
+    train_raw = select_prompts(train_raw, needs_answer, f"PPO train prompts ({recipe_args.dataset_name})")
+    eval_raw = select_prompts(eval_raw, needs_answer, f"PPO eval prompts ({recipe_args.dataset_test_split} split)")
+    train_raw = take(train_raw, recipe_args.max_train_samples, training_args.seed)
+    eval_raw = take(eval_raw, recipe_args.max_eval_samples, training_args.seed)
+    tokenizer = load_policy_tokenizer(model_args, ppo_args.pad_token, chat=isinstance(train_raw[0]["prompt"], list))
+    models = {"value": value_init_path(model_args, training_args, ppo_args)}
+    if ppo_args.reward_source == "reward_model":
+        models.update(helpfulness=reward_model_path(training_args), safety=ppo_args.safety_reward_model_path)
+    check_same_tokenizers(tokenizer, models)
+    prompts = PromptTable()  # every prompt's token ids -> its row (answer, task), for the reward
+    context = common_policy.context_length(model_args.model_name_or_path)
+    train_dataset, eval_dataset = (
+        tokenize_prompts(
+            raw,
+            tokenizer,
+            prompts,
+            context,
+            training_args.response_length,
+            drop_long_prompts=ppo_args.drop_long_prompts,
+            where=f"PPO {split} prompts ({len(raw)} rows)",
+        )
+        for raw, split in ((train_raw, "train"), (eval_raw, "eval"))
+    )
+
+    if resume_from:  # a checkpoint of other batch settings fails here, before any model loads
+        check_resumable(resume_from, planned_updates(training_args, len(train_dataset), PartialState().num_processes))
+
+    # Models: policy (+ reference adapter on the same base), value model, reward.
+    policy, reference_adapter = load_policy(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    value_model = load_value_model(
+        value_init_path(model_args, training_args, ppo_args),
+        model_args,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
+    reward = PPOReward(
+        ppo_args.reward_source,
+        tokenizer,
+        prompts,
+        load_reward_models(tokenizer, prompts, training_args, ppo_args),
+        ppo_args.math_grading,
+        ppo_args.math_partial_credit,
+    )
+
+    callbacks = build_eval_callback(recipe_args, tokenizer, training_args.seed)
+    run = init_wandb(
+        training_args.report_to,
+        project=recipe_args.wandb_project,
+        run_name=training_args.run_name or f"ppo-{model_args.model_name_or_path.rstrip('/').split('/')[-1]}",
+        stage="ppo",
+        method="ppo",
+        seed=training_args.seed,
+        config=config_to_dict(recipe_args, training_args, model_args, ppo_args),
+        group=recipe_args.wandb_group,
+        entity=recipe_args.wandb_entity,
+        extra_tags=recipe_args.wandb_tags,
+    )
+    trainer = ResumablePPOTrainer(
+        args=training_args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=AdapterReference(policy, reference_adapter),
+        reward_model=reward,
+        train_dataset=train_dataset,
+        value_model=value_backbone(value_model),
+        eval_dataset=eval_dataset,
+        callbacks=callbacks,
+        value_peft_model=value_model,
+    )
+    # Callbacks (evaluation, W&B) get the policy, not TRL's policy+value wrapper, which cannot generate.
+    trainer.callback_handler.model = policy
+    print(
+        f"[ppo] process {training_args.process_index} of {training_args.world_size}: {describe_precision(policy)} "
+        f"policy, reward {ppo_args.reward_source}, {len(train_dataset)} prompts, {trainer.total_updates} updates of "
+        f"{training_args.batch_size} rollouts, output {training_args.output_dir}",
+        flush=True,
+    )
+    if resume_from:
+        trainer.resume(resume_from)
+        print(f"[ppo] resumed from {resume_from} at update {trainer.resumed_state['global_step']}", flush=True)
+    elif ppo_args.eval_before_training:
+        for callback in callbacks:  # the SFT policy at step 0: the "before" of the comparison
+            callback.evaluate(training_args, trainer.state, policy)
+    trainer.train()
+
+    # Save: the trained policy adapter (loads with PeftModel.from_pretrained on the base) and the tokenizer.
+    metrics = final_metrics(trainer.state.log_history)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(training_args.output_dir)
+        summary = {"stage": "ppo", "metrics": metrics, "wandb": run_location(run), "parent_run": recipe_args.parent_run}
+        mark_finished(training_args.output_dir, summary)
+        print(f"[ppo] adapter saved to {training_args.output_dir}; W&B run: {run_location(run)}")
+        for key in ("eval/gsm8k/accuracy", "train/reward/mean", "train/objective/kl"):
+            if key in metrics:
+                before = metrics.get(f"before/{key}")
+                print(f"[ppo] {key}: {metrics[key]:.4f}" + (f" (before: {before:.4f})" if before is not None else ""))
+    if run is not None:
+        run.summary.update(metrics)
+        run.finish()
+    return trainer
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last update's training metrics, the last evaluation, and the step-0 evaluation as `before/eval/...`
+    (from the log history, which a resumed run carries on)."""
+    updates = [entry for entry in log_history if "objective/kl" in entry]
+    evals = [entry for entry in log_history if any(key.startswith("eval/") for key in entry)]
+    metrics = {f"train/{k}": v for k, v in updates[-1].items() if k != "step"} if updates else {}
+    if evals and evals[0]["step"] == 0:
+        metrics.update({f"before/{k}": v for k, v in evals[0].items() if k != "step"})
+    if evals:
+        metrics.update({k: v for k, v in evals[-1].items() if k != "step"})
+    return metrics
+
+
+def check_options(ppo_args: PPOScriptArguments, training_args: PPOConfig, model_args: QLoRAModelConfig) -> None:
+    if ppo_args.reward_source not in REWARD_SOURCES:
+        raise ConfigError(f"reward_source {ppo_args.reward_source!r} is not one of {REWARD_SOURCES}.")
+    if ppo_args.reward_source == "reward_model" and not reward_model_path(training_args):
+        raise ConfigError("reward_source 'reward_model' needs `reward_model_path` (the reward recipe's output dir).")
+    if not model_args.use_peft:
+        raise ConfigError("The PPO recipe trains LoRA adapters (policy and value model): keep `use_peft: true`.")
+    if ppo_args.math_grading not in ("flexible", "strict"):
+        raise ConfigError(f"math_grading {ppo_args.math_grading!r}: use flexible or strict.")
+    if training_args.stop_token is None and training_args.stop_token_id is None:
+        print("[ppo] no stop_token: every response runs to response_length (set `stop_token: eos` to end at EOS)")
+    for path in (reward_model_path(training_args), ppo_args.safety_reward_model_path, ppo_args.value_model_path):
+        if path and path.startswith((".", "/", "~", "outputs")) and not Path(path).expanduser().exists():
+            raise ConfigError(
+                f"{path!r} does not exist. Train the reward model(s) first (recipes/reward/train.py with "
+                "recipes/reward/config.yaml and safety.yaml), or point reward_model_path / value_model_path elsewhere."
+            )
+
+
+def reward_model_path(training_args: PPOConfig) -> str | None:
+    """`PPOConfig.reward_model_path`, None while it holds TRL's placeholder default."""
+    path = training_args.reward_model_path
+    return None if path == TRL_PLACEHOLDER_PATH else path
+
+
+def value_init_path(model_args: QLoRAModelConfig, training_args: PPOConfig, ppo_args: PPOScriptArguments) -> str:
+    """`value_model_path`; else the (helpfulness) reward model when it gives the reward (the value predicts returns on
+    its scale); else the policy's base with a fresh score head (the math reward's 0/1 scale is not an RM's)."""
+    if ppo_args.value_model_path:
+        return ppo_args.value_model_path
+    if ppo_args.reward_source == "reward_model":
+        return reward_model_path(training_args)
+    return common_policy.adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path
+
+
+def load_reward_models(tokenizer, prompts: PromptTable, training_args: PPOConfig, ppo_args: PPOScriptArguments):
+    """The combined helpfulness (+ safety) reward model, or None for the math reward."""
+    if ppo_args.reward_source != "reward_model":
+        return None
+    # Tokenizers were checked by `check_same_tokenizers` (modulo the pad token, which PPO takes from the policy).
+    helpfulness, _ = load_reward_model(reward_model_path(training_args))
+    safety = load_reward_model(ppo_args.safety_reward_model_path)[0] if ppo_args.safety_reward_model_path else None
+    unsafe = [ids for ids, row in prompts.rows.items() if safety_tags(1, {k: [v] for k, v in row.items()})[0]]
+    return CombinedRewardModel(
+        helpfulness,
+        safety,
+        RewardCombination(safety_threshold=ppo_args.safety_threshold, whitening=ppo_args.reward_whitening),
+        safety_tagger=PromptSafetyTags(unsafe) if unsafe else None,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

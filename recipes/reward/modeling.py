@@ -1,0 +1,48 @@
+"""The reward model's pieces around TRL: pad token, LoRA config for a sequence classifier, float32 trainables.
+
+Why each exists: recipes/reward/README.md, "QLoRA and the score head".
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from transformers import PreTrainedTokenizerBase
+from trl import ModelConfig, get_peft_config
+
+from recipes.common.modeling import ModelLoadError
+
+
+def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str | None) -> None:
+    """The classifier reads each score at the last non-pad token, so padding must not look like the final EOS."""
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise ModelLoadError(f"pad_token {pad_token!r} is not in the tokenizer's vocabulary.")
+        tokenizer.pad_token = pad_token
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ModelLoadError(
+            "The tokenizer pads with its EOS token, so the reward model would read each score before the final EOS "
+            "in training but at it in PPO. Set `pad_token` in the config to another token of the vocabulary (e.g. "
+            "Llama 3's <|finetune_right_pad_id|>, Qwen's <|endoftext|>)."
+        )
+
+
+def reward_peft_config(model_args: ModelConfig) -> LoraConfig | None:
+    """LoRA for a sequence classifier: task SEQ_CLS (peft keeps `score` out of LoRA) and `score` in `modules_to_save`,
+    so the head trains in full and is saved with the adapter."""
+    peft_config = get_peft_config(model_args)
+    if peft_config is None:
+        return None
+    peft_config.task_type = "SEQ_CLS"
+    peft_config.modules_to_save = sorted({*(peft_config.modules_to_save or []), "score"})
+    return peft_config
+
+
+def keep_trainable_float32(model: torch.nn.Module) -> int:
+    """Undo RewardTrainer's bf16 cast of trainable parameters on quantized models (reward_trainer.py, "QLoRA"): with
+    `bf16: false` it breaks the score head's matmul (float32 hidden states), and the head should train in full
+    precision anyway. Under bf16 autocast float32 parameters still work. Returns the number of trainable tensors."""
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    for param in trainable:
+        param.data = param.data.float()  # same Parameter objects: the optimizer is built later, in train()
+    return len(trainable)

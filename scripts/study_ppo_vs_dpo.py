@@ -1,0 +1,252 @@
+"""The PPO-vs-DPO study: one SFT model, one preference set, one prompt set; DPO, PPO (and GRPO, rejection sampling)
+trained with matched budgets over several seeds, every final model evaluated the same way, one report.
+
+    python scripts/study_ppo_vs_dpo.py                                    # embedded default (CPU), 2 seeds
+    python scripts/study_ppo_vs_dpo.py --seeds 0 --methods dpo ppo        # smaller
+    python scripts/study_ppo_vs_dpo.py --study scripts/studies/llama31_8b.yaml   # real models on GPUs
+
+Each run is a normal recipe launch (`accelerate launch recipes/<method>/train.py --config ...`) with the study's
+overrides, W&B group `<study name>` and tags `study:<name>`, `method:<m>`, `seed:<s>`; each final model is then
+evaluated by `python -m eval` on the same data with the same settings (GSM8K, MMLU, length, diversity, reward, KL to
+the SFT policy). Finished runs are reused, so an interrupted study resumes where it stopped.
+Writes `<output_dir>/report.md` (mean and spread per method, deltas to SFT, which published effects it reproduces),
+`results.json`, and the curves via `scripts/compare_runs.py` logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from recipes.common.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
+
+DEFAULT_STUDY = REPO_ROOT / "scripts" / "studies" / "demo.yaml"
+# Headline metrics of the report: (label, key in the eval JSON, higher is "more").
+HEADLINES = [
+    ("GSM8K accuracy", "eval/gsm8k/exact_match_flexible"),
+    ("GSM8K strict", "eval/gsm8k/exact_match_strict"),
+    ("MMLU accuracy", "eval/mmlu/accuracy"),
+    ("mean length (tokens)", "eval/length/mean_tokens"),
+    ("distinct-n (mean, across inputs)", "eval/diversity/across_input_distinct_mean"),
+    ("reward (mean)", "eval/reward/mean"),
+    ("KL to SFT", "eval/reward/kl"),
+]
+
+
+def log(message: str) -> None:
+    print(f"[study] {message}", flush=True)
+
+
+def run(cmd: list[str], log_file: Path) -> None:
+    """Run one step with its output in a log file; on failure, show the end of the log and stop."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as out:
+        result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = log_file.read_text().splitlines()[-40:]
+        raise SystemExit(
+            f"[study] step failed ({' '.join(cmd[:6])} ...); last lines of {log_file}:\n" + "\n".join(tail)
+        )
+
+
+def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
+    """Launch the method's recipe with the study's overrides; returns wall seconds (0 when already finished)."""
+    if (output_dir / "run_complete.json").is_file():
+        log(f"{method} seed {seed}: already trained ({output_dir})")
+        return 0.0
+    spec = study["methods"][method]
+    overrides = {**study.get("common_overrides", {}), **spec.get("overrides", {})}
+    overrides.update(
+        model_name_or_path=study["sft"], output_dir=str(output_dir), seed=seed, run_name=f"{study['name']}-{method}-s{seed}",
+        wandb_group=study["name"], parent_run=study["sft"],
+    )  # fmt: skip
+    cmd = ["accelerate", "launch", "recipes/" + method + "/train.py", "--config", spec["config"]]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", " ".join(map(str, value)) if isinstance(value, list) else str(value)]
+    cmd += ["--wandb_tags", f"study:{study['name']}"]
+    log(f"{method} seed {seed}: training -> {output_dir}")
+    start = time.time()
+    run(cmd, output_dir.parent / "logs" / f"{output_dir.name}.train.log")
+    return time.time() - start
+
+
+def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> dict[str, float]:
+    """The same standalone evaluation for every model (and the SFT baseline)."""
+    if not output_file.is_file():
+        settings = study["eval"]
+        cmd = [sys.executable, "-m", "eval", "--model", model_dir, "--tasks", settings["tasks"], "--seed", str(seed),
+               "--output", str(output_file), "--no_progress"]  # fmt: skip
+        if study.get("load_in_4bit", True):
+            cmd.append("--load_in_4bit")
+        for flag in ("gsm8k", "mmlu", "limit", "max_new_tokens", "samples_per_prompt", "batch_size", "prompts"):
+            if settings.get(flag) is not None:
+                cmd += [f"--{flag}", str(settings[flag])]
+        for reward_model in settings.get("reward_models", []):
+            cmd += ["--reward_model", reward_model]
+        if model_dir != study["sft"] and "reward" in settings["tasks"]:
+            cmd += ["--ref_model", study["sft"]]  # KL to the policy every method started from
+        log(f"evaluating {model_dir}")
+        run(cmd, output_file.with_suffix(".log"))
+    payload = json.loads(output_file.read_text())
+    return flatten(payload)
+
+
+def flatten(payload: dict[str, Any]) -> dict[str, float]:
+    from eval import flatten_metrics
+
+    results = payload.get("results", payload)
+    return flatten_metrics(results)
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def effects(table: dict[str, dict[str, list[float]]], baseline: dict[str, float]) -> list[str]:
+    """State plainly which published effects the figures reproduce."""
+    lines = []
+
+    def mean(method: str, key: str) -> tuple[float, float] | None:
+        values = table.get(method, {}).get(key)
+        return summarize(values) if values else None
+
+    gsm = "eval/gsm8k/exact_match_flexible"
+    ppo, dpo = mean("ppo", gsm), mean("dpo", gsm)
+    if ppo and dpo:
+        gap = ppo[0] - dpo[0]
+        verdict = "reproduced" if gap >= 0 else "not reproduced"
+        noise = " (within the seed spread)" if abs(gap) <= max(ppo[1], dpo[1]) else ""
+        lines.append(
+            f"- PPO >= DPO on math (Ivison et al. 2024: PPO 58.0 vs DPO 50.5 GSM8K, Tulu 2.5 13B): **{verdict}** — "
+            f"PPO {ppo[0]:.3f} ± {ppo[1]:.3f} vs DPO {dpo[0]:.3f} ± {dpo[1]:.3f}, gap {gap:+.3f}{noise}."
+        )
+    for key, name, paper, sign in (
+        ("eval/length/mean_tokens", "Longer responses after RLHF", "Singhal et al. 2023: ~100 -> 230 tokens", 1),
+        ("eval/diversity/across_input_distinct_mean", "Lower diversity after RLHF", "Kirk et al. 2024", -1),
+    ):
+        if key not in baseline:
+            lines.append(f"- {name} ({paper}): not measured (no `{key}`).")
+            continue
+        parts, agree = [], 0
+        for method in table:
+            stats = mean(method, key)
+            if stats:
+                delta = stats[0] - baseline[key]
+                agree += int(delta * sign > 0)
+                parts.append(f"{method} {stats[0]:.3g} ({delta:+.3g})")
+        verdict = f"reproduced by {agree} of {len(parts)} methods"
+        lines.append(f"- {name} ({paper}): **{verdict}** — SFT {baseline[key]:.3g}; " + ", ".join(parts) + ".")
+    mmlu = "eval/mmlu/accuracy"
+    if mmlu in baseline:
+        parts = [f"{m} {s[0]:.3f} ({s[0] - baseline[mmlu]:+.3f})" for m in table if (s := mean(m, mmlu))]
+        worst = max((abs(mean(m, mmlu)[0] - baseline[mmlu]) for m in table if mean(m, mmlu)), default=0.0)
+        verdict = "reproduced" if worst <= 0.05 else f"not reproduced (largest change {worst:.3f})"
+        lines.append(
+            f"- MMLU roughly unchanged by RLHF (GPT-4 report, Llama 2): **{verdict}** (threshold ±0.05) — "
+            f"SFT {baseline[mmlu]:.3f}; " + ", ".join(parts) + "."
+        )
+    return lines
+
+
+def write_report(study: dict, out: Path, table: dict, baseline: dict, seconds: dict, seeds: list[int]) -> Path:
+    rows = ["| metric | SFT | " + " | ".join(table) + " |", "|---|---|" + "---|" * len(table)]
+    for label, key in HEADLINES:
+        if key not in baseline and not any(key in v for v in table.values()):
+            continue
+        cells = [f"{baseline[key]:.4g}" if key in baseline else "—"]
+        for method in table:
+            values = table[method].get(key)
+            if not values:
+                cells.append("—")
+                continue
+            mean, spread = summarize(values)
+            delta = f" ({mean - baseline[key]:+.3g})" if key in baseline else ""
+            cells.append(f"{mean:.4g} ± {spread:.2g}{delta}")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    rows.append(
+        "| train time (s, mean) | — | " + " | ".join(f"{statistics.mean(seconds[m]):.0f}" for m in table) + " |"
+    )
+    text = [
+        f"# Study: {study['name']}",
+        "",
+        f"One SFT model (`{study['sft']}`), methods {', '.join(table)}, seeds {seeds}; every final model evaluated "
+        f"with the same settings ({study['eval']['tasks']}). Mean ± standard deviation over seeds, (delta to SFT).",
+        "Budgets per method: "
+        + "; ".join(
+            f"{m}: {study['methods'][m].get('budget', study['methods'][m].get('overrides', {}))}" for m in table
+        )
+        + ".",
+        "",
+        *rows,
+        "",
+        "## Published effects",
+        "",
+        *effects(table, baseline),
+        "",
+        "Curves and per-run tables: [comparison/report.md](comparison/report.md).",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="study YAML (methods, budgets, eval)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the study's seeds")
+    parser.add_argument("--methods", nargs="+", help="subset of the study's methods")
+    parser.add_argument("--output_dir", type=Path, help="override the study's output_dir")
+    args = parser.parse_args(argv)
+
+    study = yaml.safe_load(args.study.read_text())
+    seeds = args.seeds or study["seeds"]
+    methods = args.methods or list(study["methods"])
+    unknown = [m for m in methods if m not in study["methods"]]
+    if unknown:
+        raise SystemExit(f"[study] unknown method(s) {unknown}; {args.study} defines {list(study['methods'])}.")
+    if not (Path(study["sft"]) / "run_complete.json").is_file():
+        raise SystemExit(
+            f"[study] no finished SFT run at {study['sft']}: run the SFT recipe first (bash scripts/demo.sh)."
+        )
+    out = args.output_dir or Path(study["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_RUN_GROUP", study["name"])
+
+    baseline = evaluate(study, study["sft"], out / "sft.eval.json", seed=seeds[0])
+    table: dict[str, dict[str, list[float]]] = {}
+    seconds: dict[str, list[float]] = {}
+    run_dirs = [Path(study["sft"])]
+    for method in methods:
+        for seed in seeds:
+            run_dir = out / f"{method}-seed{seed}"
+            seconds.setdefault(method, []).append(train(study, method, seed, run_dir))
+            metrics = evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
+            for key, value in metrics.items():
+                table.setdefault(method, {}).setdefault(key, []).append(value)
+            run_dirs.append(run_dir)
+    (out / "results.json").write_text(
+        json.dumps({"baseline": baseline, "methods": table, "seconds": seconds}, indent=2)
+    )
+    report = write_report(study, out, table, baseline, seconds, seeds)
+    try:  # curves from the W&B runs the recipes logged
+        compare_runs(load_local_runs(run_dirs), out / "comparison", baseline=None)
+    except CompareError as err:
+        log(f"curves not drawn: {err}")
+    log(f"report: {report}")
+    print(report.read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()

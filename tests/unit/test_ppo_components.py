@@ -1,0 +1,159 @@
+"""PPO recipe parts on a tiny in-memory model: the prompt stream, the reward module, the adapter reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorWithPadding
+from trl.experimental.utils import get_reward
+
+from eval.testing import build_char_tokenizer, build_tiny_model
+from recipes.ppo.modeling import POLICY_ADAPTER, REFERENCE_ADAPTER, AdapterReference
+from recipes.ppo.rewards import PPOReward, PromptTable
+from recipes.ppo.trainer import PromptBatches
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = build_char_tokenizer()
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def batches(dataset: Dataset, n: int, **kwargs) -> list[list[int]]:
+    stream = PromptBatches(dataset, lambda rows: [row["i"] for row in rows], **kwargs)
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(n)]
+
+
+def test_prompt_batches_cover_each_epoch_once_and_reshuffle() -> None:
+    dataset = Dataset.from_dict({"i": list(range(10))})
+    first = batches(dataset, 10, local_batch_size=2, world_size=1, rank=0, seed=0)
+    assert sorted(sum(first[:5], [])) == list(range(10))  # epoch 0: every prompt once
+    assert sorted(sum(first[5:], [])) == list(range(10))  # epoch 1: again, in another order
+    assert sum(first[:5], []) != sum(first[5:], [])
+    assert first == batches(dataset, 10, local_batch_size=2, world_size=1, rank=0, seed=0)  # reproducible
+
+
+def test_prompt_batches_start_anywhere_like_an_uninterrupted_run() -> None:
+    dataset = Dataset.from_dict({"i": list(range(9))})  # 9 // 2 = 4 batches per epoch, one row left out
+    full = batches(dataset, 11, local_batch_size=2, world_size=1, rank=0, seed=3)
+    stream = PromptBatches(dataset, lambda rows: [row["i"] for row in rows], 2, 1, 0, 3)
+    stream.start_batch = 6  # mid second epoch
+    iterator = iter(stream)
+    assert [next(iterator) for _ in range(5)] == full[6:]
+
+
+def test_prompt_batches_split_global_batches_between_ranks() -> None:
+    dataset = Dataset.from_dict({"i": list(range(16))})
+    rank0 = batches(dataset, 4, local_batch_size=2, world_size=2, rank=0, seed=0)
+    rank1 = batches(dataset, 4, local_batch_size=2, world_size=2, rank=1, seed=0)
+    seen = sum(rank0, []) + sum(rank1, [])
+    assert sorted(seen) == list(range(16))  # disjoint, and together one epoch
+
+
+def test_prompt_batches_refuse_a_dataset_smaller_than_a_batch() -> None:
+    with pytest.raises(ValueError, match="cannot fill one rollout batch"):
+        PromptBatches(Dataset.from_dict({"i": [0, 1, 2]}), list, 2, 2, 0, 0)
+
+
+def make_prompts(tokenizer) -> tuple[PromptTable, list[list[int]]]:
+    table, ids = PromptTable(), []
+    for question, answer in [("What is 2+3?", "2+3=5\n#### 5"), ("What is 10-4?", "#### 6")]:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        table.add(prompt_ids, {"answer": answer, "task": "math"})
+        ids.append(prompt_ids)
+    return table, ids
+
+
+def rollout(tokenizer, prompt_ids: list[list[int]], responses: list[str]) -> tuple[torch.Tensor, int]:
+    """Left-padded queries + right-padded responses, as PPOTrainer hands them to `get_reward`."""
+    queries = DataCollatorWithPadding(tokenizer)([{"input_ids": ids} for ids in prompt_ids])["input_ids"]
+    response_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in responses]
+    width = max(len(r) for r in response_ids)
+    padded = [r + [tokenizer.pad_token_id] * (width - len(r)) for r in response_ids]
+    return torch.cat([queries, torch.tensor(padded)], dim=1), queries.shape[1]
+
+
+def test_math_reward_grades_each_response_against_its_prompt(tokenizer) -> None:
+    table, prompt_ids = make_prompts(tokenizer)
+    reward = PPOReward("math", tokenizer, table)
+    # EOS inside the prompt (end of the user turn) and at the end of a response must not confuse the split.
+    query_responses, context = rollout(tokenizer, prompt_ids, ["2+3=5\n#### 5</s>", "10-4=7\n#### 7"])
+    _, scores, _ = get_reward(reward, query_responses, tokenizer.pad_token_id, context)
+    assert scores.tolist() == [1.0, 0.0]
+    recorded = reward.pop_metrics()
+    assert recorded["scores"].tolist() == [1.0, 0.0]
+    assert recorded["has_eos"].tolist() == [1.0, 0.0]
+    assert recorded["lengths"].tolist() == [len("2+3=5\n#### 5") + 1, len("10-4=7\n#### 7")]
+    assert reward.pop_metrics() == {}  # popped
+
+
+def test_reward_model_source_reads_the_original_token_ids(tokenizer) -> None:
+    table, prompt_ids = make_prompts(tokenizer)
+    seen = {}
+
+    class LastTokenRM(torch.nn.Module):  # scores a sequence by its last real token id
+        base_model_prefix = "backbone"
+
+        def backbone(self, input_ids, attention_mask, **kwargs):
+            seen["input_ids"] = input_ids
+            hidden = input_ids.float()[:, :, None]
+            return type("Out", (), {"hidden_states": (hidden,)})
+
+        def score(self, hidden):
+            return hidden
+
+    reward = PPOReward("reward_model", tokenizer, table, reward_model=LastTokenRM())
+    query_responses, context = rollout(tokenizer, prompt_ids, ["7", "89"])
+    _, scores, _ = get_reward(reward, query_responses, tokenizer.pad_token_id, context)
+    assert scores.tolist() == [float(tokenizer.convert_tokens_to_ids("7")), float(tokenizer.convert_tokens_to_ids("9"))]
+    # the inner RM saw exactly the rollout (pads zeroed by get_reward, as for any reward model)
+    pad = tokenizer.pad_token_id
+    assert torch.equal(seen["input_ids"], query_responses.masked_fill(query_responses == pad, 0))
+
+
+def test_unknown_prompt_is_an_error(tokenizer) -> None:
+    table, _ = make_prompts(tokenizer)
+    reward = PPOReward("math", tokenizer, table)
+    query_responses, context = rollout(
+        tokenizer, [tokenizer("not a prompt", add_special_tokens=False)["input_ids"]], ["5"]
+    )
+    with pytest.raises(KeyError, match="not in the PPO prompt table"):
+        get_reward(reward, query_responses, tokenizer.pad_token_id, context)
+
+
+def test_adapter_reference_runs_the_reference_adapter_and_restores_training_state(tokenizer) -> None:
+    base = build_tiny_model(tokenizer)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    policy = get_peft_model(base, config)  # "default": the trained adapter
+    policy.add_adapter(
+        REFERENCE_ADAPTER, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
+    policy.set_adapter(POLICY_ADAPTER)
+    policy.train()
+    inputs = {"input_ids": torch.tensor([tokenizer("What is 2+3?")["input_ids"]])}
+    trainable_before = {name for name, p in policy.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        reference_logits = AdapterReference(policy, REFERENCE_ADAPTER)(**inputs).logits
+        base_logits = AdapterReference(policy, None)(**inputs).logits
+        policy_logits = policy(**inputs).logits
+        policy.set_adapter(REFERENCE_ADAPTER)
+        expected_reference = policy(**inputs).logits
+        policy.set_adapter(POLICY_ADAPTER)
+        with policy.disable_adapter():
+            expected_base = policy(**inputs).logits
+
+    torch.testing.assert_close(reference_logits, expected_reference)
+    torch.testing.assert_close(base_logits, expected_base)
+    assert not torch.allclose(reference_logits, policy_logits)
+    assert policy.active_adapter == POLICY_ADAPTER
+    trainable_after = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable_after == trainable_before and all(f".{POLICY_ADAPTER}." in n for n in trainable_after)
+    assert list(AdapterReference(policy, REFERENCE_ADAPTER).parameters()) == []  # holds no weights of its own

@@ -1,0 +1,132 @@
+"""Bad input to the PPO recipe fails with a clear message before any training, and leaves no output behind."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.testing import build_char_tokenizer, save_tiny_model
+from recipes.common.config import ConfigError
+from recipes.common.data import DataError
+from recipes.common.modeling import ModelLoadError
+from recipes.ppo.train import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("ppo-inputs") / "model")  # context 4096, one token per char
+
+
+def write_prompts(directory: Path, rows: list[dict]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
+def math_rows(question: str = "What is 2+3?", answer: str = "#### 5", n: int = 8) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": question}], "answer": answer, "task": "math"}] * n
+
+
+def run(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str):
+    return main(
+        [
+            "--config",
+            str(REPO_ROOT / "recipes" / "ppo" / "config.yaml"),
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_name",
+            str(data_dir),
+            "--output_dir",
+            str(output_dir),
+            "--report_to",
+            "none",
+            "--eval_tasks",
+            "",
+            "--reward_model_path",
+            "EleutherAI/pythia-160m",  # TRL's placeholder: no reward model
+            *extra,
+        ]  # fmt: skip
+    )
+
+
+def test_prompt_longer_than_the_context(model_dir: Path, tmp_path: Path) -> None:
+    rows = math_rows() + math_rows(question="x" * 5000, n=1)
+    data = write_prompts(tmp_path / "data", rows)
+    with pytest.raises(DataError, match=r"1 of 9 prompts have >= .* tokens.*no room for a response"):
+        run(model_dir, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reward_model_with_another_tokenizer(model_dir: Path, tmp_path: Path) -> None:
+    other = build_char_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(tmp_path / "rm")
+    data = write_prompts(tmp_path / "data", math_rows())
+    with pytest.raises(ModelLoadError, match="does not share the policy's tokenizer: vocabularies differ"):
+        run(
+            model_dir,
+            data,
+            tmp_path / "out",
+            "--reward_source",
+            "reward_model",
+            "--reward_model_path",
+            str(tmp_path / "rm"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_value_model_with_another_tokenizer(model_dir: Path, tmp_path: Path) -> None:
+    other = build_char_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(tmp_path / "value")
+    data = write_prompts(tmp_path / "data", math_rows())
+    with pytest.raises(ModelLoadError, match="value model"):
+        run(model_dir, data, tmp_path / "out", "--value_model_path", str(tmp_path / "value"))
+
+
+def test_trl_without_ppo_trainer_says_which_trl_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)  # as in trl >= 1.13: the module is gone
+    monkeypatch.delitem(sys.modules, "recipes.ppo.train")
+    with pytest.raises(ImportError, match=r"trl>=1\.12,<1\.13"):
+        importlib.import_module("recipes.ppo.train")
+
+
+def test_tokenizer_that_pads_with_eos(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "model")
+    tokenizer = build_char_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(model_dir)
+    data = write_prompts(tmp_path / "data", math_rows())
+    with pytest.raises(ModelLoadError, match="pads with its EOS token.*Set `pad_token`"):
+        run(model_dir, data, tmp_path / "out")
+    with pytest.raises(ModelLoadError, match="not in the vocabulary"):
+        run(model_dir, data, tmp_path / "out", "--pad_token", "<no-such-token>")
+
+
+def test_math_reward_needs_answers(model_dir: Path, tmp_path: Path) -> None:
+    data = write_prompts(tmp_path / "data", math_rows(answer=""))
+    with pytest.raises(DataError, match="no row has an `answer`"):
+        run(model_dir, data, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--reward_source", "sentiment"], "reward_source 'sentiment' is not one of"),
+        (["--reward_source", "reward_model"], "needs `reward_model_path`"),
+        (["--reward_source", "reward_model", "--reward_model_path", "outputs/no-such-rm"], "does not exist"),
+        (["--use_peft", "false"], "keep `use_peft: true`"),
+    ],
+)
+def test_config_errors(model_dir: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    data = write_prompts(tmp_path / "data", math_rows())
+    with pytest.raises(ConfigError, match=message):
+        run(model_dir, data, tmp_path / "out", *extra)
+    assert not (tmp_path / "out").exists()
