@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The README's main command: set up the venv, build the embedded demo (tiny Llama + data), run the pipeline on it
 # on CPU, and print where the models and the W&B runs are. Re-running skips finished stages.
-# W&B logs offline (./wandb) unless you have an API key. Logs of each stage: outputs/demo/logs/<stage>.log
+# W&B logs offline (./wandb) unless you have an API key. Logs of each stage: outputs/logs/<stage>.log
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 DEMO="${DEMO_DIR:-outputs/demo}"
-mkdir -p "$DEMO/logs"
+LOGS="$(dirname "$DEMO")/logs"  # outside $DEMO: prepare_demo.py only writes into a new or finished dir
+mkdir -p "$LOGS"
 t0=$(date +%s)
 
 run_stage() {  # run_stage NAME OUTPUT_DIR COMMAND...: one progress line per stage, full log in a file
@@ -14,7 +15,7 @@ run_stage() {  # run_stage NAME OUTPUT_DIR COMMAND...: one progress line per sta
     echo "[demo] $name: already done ($out)"
     return
   fi
-  local start log="$DEMO/logs/$name.log"
+  local start log="$LOGS/$name.log"
   start=$(date +%s)
   echo "[demo] $name: running (log: $log)"
   if ! "$@" >"$log" 2>&1; then
