@@ -127,7 +127,9 @@ def load_reward_model(
     base = adapter_base(path)
     check_model_path(base or path)
     root = Path(path).expanduser()
-    info = json.loads((root / RM_INFO_FILE).read_text()) if (root / RM_INFO_FILE).is_file() else {}
+    # A checkpoint-N dir has no reward_model.json of its own; its run's is one level up.
+    info_file = next((d / RM_INFO_FILE for d in (root, root.parent) if (d / RM_INFO_FILE).is_file()), None)
+    info = json.loads(info_file.read_text()) if info_file is not None and base is not None else {}
     if base is not None:
         adapter_config = json.loads((root / "adapter_config.json").read_text())
         if "score" not in (adapter_config.get("modules_to_save") or []):
