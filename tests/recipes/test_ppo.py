@@ -1,0 +1,177 @@
+"""PPO end to end on the tiny demo model with real 4-bit QLoRA: SFT adapter -> PPO, then a resume mid-run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_dpo import make_sft_adapter  # same directory: pytest puts it on sys.path
+from test_sft import load_4bit
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from recipes.common.config import ConfigError
+from recipes.common.outputs import OutputDirError
+from recipes.ppo.modeling import REFERENCE_ADAPTER
+from recipes.ppo.train import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+UPDATES = 4
+
+
+def make_reward_model(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
+    """A stand-in for the reward recipe's output: LoRA adapter + score head (modules_to_save) + tokenizer."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="SEQ_CLS", modules_to_save=["score"])
+    model = get_peft_model(model, config)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    (out_dir / "reward_model.json").write_text(json.dumps({"load_in_4bit": True}))
+    return out_dir
+
+
+def ppo_args(demo_dir: Path, sft_dir: Path, rm_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO_ROOT / "recipes" / "ppo" / "config.yaml"),
+        "--model_name_or_path", str(sft_dir), "--parent_run", str(sft_dir),
+        "--value_model_path", str(rm_dir),  # the value model starts from the RM; the reward is the math grader
+        "--dataset_name", str(demo_dir / "data" / "prompts"),
+        "--eval_gsm8k_path", str(demo_dir / "data" / "math" / "test.jsonl"),
+        "--output_dir", str(output_dir),
+        "--total_episodes", str(4 * UPDATES), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--local_rollout_forward_batch_size", "4", "--num_ppo_epochs", "1", "--response_length", "16",
+        "--learning_rate", "1e-2", "--max_train_samples", "32", "--max_eval_samples", "8",
+        "--per_device_eval_batch_size", "4", "--num_sample_generations", "1",
+        "--save_steps", "2", "--eval_steps", "4",
+        "--eval_tasks", "gsm8k", "--eval_num_samples", "4", "--eval_max_new_tokens", "16",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ppo-models")
+    return make_sft_adapter(demo_dir / "base", root / "sft"), make_reward_model(demo_dir / "base", root / "rm")
+
+
+@pytest.fixture(scope="module")
+def ppo_run(demo_dir: Path, models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    output_dir = tmp_path_factory.mktemp("ppo") / "run"
+    wandb_dir = tmp_path_factory.mktemp("ppo-wandb")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_DIR", str(wandb_dir))
+        trainer = main(ppo_args(demo_dir, *models, output_dir))
+    return trainer, output_dir, wandb_dir
+
+
+def updates(log_history: list[dict]) -> list[dict]:
+    return [entry for entry in log_history if "objective/kl" in entry]
+
+
+def test_all_updates_ran_with_finite_metrics(ppo_run: tuple) -> None:
+    trainer, _, _ = ppo_run
+    logged = updates(trainer.state.log_history)
+    assert [entry["step"] for entry in logged] == list(range(1, UPDATES + 1))
+    keys = ["objective/kl", "objective/entropy", "objective/scores", "loss/policy_avg", "loss/value_avg"]
+    keys += ["reward/mean", "reward/std", "response/length_mean", "response/eos_fraction"]
+    for entry in logged:
+        assert all(math.isfinite(entry[key]) for key in keys), entry
+        assert 1 <= entry["response/length_mean"] <= 16
+
+
+def test_reference_is_the_frozen_sft_adapter(ppo_run: tuple, models: tuple[Path, Path]) -> None:
+    trainer, _, _ = ppo_run
+    # At the first rollout the policy is the SFT policy; a reference that were the bare base would show a large KL.
+    assert abs(updates(trainer.state.log_history)[0]["objective/kl"]) < 1e-2
+    sft = load_file(models[0] / "adapter_model.safetensors")
+    reference = {k: v for k, v in trainer.policy.state_dict().items() if f".{REFERENCE_ADAPTER}." in k}
+    assert len(reference) == len(sft)
+    for key, value in sft.items():
+        name = key.replace(".weight", f".{REFERENCE_ADAPTER}.weight")
+        assert torch.equal(reference[name].cpu(), value), key
+
+
+def test_policy_lora_and_value_model_changed(ppo_run: tuple, models: tuple[Path, Path]) -> None:
+    _, output_dir, _ = ppo_run
+    sft = load_file(models[0] / "adapter_model.safetensors")
+    trained = load_file(output_dir / "adapter_model.safetensors")
+    assert sorted(trained) == sorted(sft)  # only the policy adapter is saved, under the SFT adapter's names
+    assert all(not torch.equal(trained[k], sft[k]) for k in sft if "lora_B" in k)
+    rm = load_file(models[1] / "adapter_model.safetensors")
+    value = load_file(output_dir / f"checkpoint-{UPDATES}" / "value_model" / "adapter_model.safetensors")
+    assert sorted(value) == sorted(rm)
+    assert any(not torch.equal(value[k], rm[k]) for k in rm if "score" in k)
+    assert any(not torch.equal(value[k], rm[k]) for k in rm if "lora_B" in k)
+
+
+def test_outputs_saved_and_adapter_reloads(ppo_run: tuple, demo_dir: Path) -> None:
+    trainer, output_dir, wandb_dir = ppo_run
+    summary = json.loads((output_dir / "run_complete.json").read_text())
+    metrics = summary["metrics"]
+    for key in ("eval/gsm8k/accuracy", "before/eval/gsm8k/accuracy", "train/objective/kl", "train/reward/mean"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    for step in (2, UPDATES):
+        checkpoint = output_dir / f"checkpoint-{step}"
+        for name in (
+            "adapter_model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+        ):
+            assert (checkpoint / name).is_file(), checkpoint / name
+    assert list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    reloaded = PeftModel.from_pretrained(load_4bit(demo_dir / "base"), output_dir).eval()
+    inputs = tokenizer(["Question: Tom has 3 apples and buys 4 more. How many apples?"], return_tensors="pt")
+    policy = trainer.policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, policy(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_at_the_right_step(
+    ppo_run: tuple, demo_dir: Path, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An interrupted run (checkpoint-2 of 4, plus a checkpoint-3 cut short while saving) resumes from
+    checkpoint-2, runs updates 3 and 4 only, and ends where the uninterrupted run ended, bit for bit."""
+    _, full_dir, _ = ppo_run
+    output_dir = tmp_path / "run"
+    shutil.copytree(full_dir / "checkpoint-2", output_dir / "checkpoint-2")
+    (output_dir / "checkpoint-3").mkdir()  # a save that never finished: no trainer_state.json
+
+    trainer = main(ppo_args(demo_dir, *models, output_dir))
+    assert trainer.resumed_state["global_step"] == 2
+    assert trainer.state.global_step == UPDATES
+    assert [entry["step"] for entry in updates(trainer.state.log_history)] == list(range(1, UPDATES + 1))
+    state = json.loads((output_dir / f"checkpoint-{UPDATES}" / "trainer_state.json").read_text())
+    assert state["global_step"] == UPDATES and state["episode"] == 4 * UPDATES
+    resumed = load_file(output_dir / "adapter_model.safetensors")
+    uninterrupted = load_file(full_dir / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_resume_with_other_batch_settings_is_refused(
+    ppo_run: tuple, demo_dir: Path, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, full_dir, _ = ppo_run
+    shutil.copytree(full_dir / "checkpoint-2", tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(
+        ConfigError, match=f"belongs to a run of {UPDATES} PPO updates, this config gives {2 * UPDATES}"
+    ):
+        main(ppo_args(demo_dir, *models, tmp_path / "run", "--total_episodes", str(8 * UPDATES)))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2"]  # nothing written, nothing lost
+
+
+def test_finished_run_is_not_overwritten(ppo_run: tuple, demo_dir: Path, models: tuple[Path, Path]) -> None:
+    _, output_dir, _ = ppo_run
+    before = (output_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(OutputDirError, match="finished run"):
+        main(ppo_args(demo_dir, *models, output_dir))
+    assert (output_dir / "adapter_model.safetensors").read_bytes() == before
