@@ -4,15 +4,15 @@
 # W&B logs offline (./wandb) unless you have an API key. Logs of each stage: outputs/logs/<stage>.log
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-DEMO="${DEMO_DIR:-outputs/demo}"
+DEMO=outputs/demo  # the recipes' config.yaml files and scripts/studies/demo.yaml point here
 LOGS="$(dirname "$DEMO")/logs"  # outside $DEMO: prepare_demo.py only writes into a new or finished dir
 mkdir -p "$LOGS"
 t0=$(date +%s)
 
-run_stage() {  # run_stage NAME OUTPUT_DIR COMMAND...: one progress line per stage, full log in a file
-  local name=$1 out=$2; shift 2
-  if [ -f "$out/run_complete.json" ]; then
-    echo "[demo] $name: already done ($out)"
+run_stage() {  # run_stage NAME DONE_FILE COMMAND...: one progress line per stage, full log in a file
+  local name=$1 done_file=$2; shift 2
+  if [ -f "$done_file" ]; then
+    echo "[demo] $name: already done ($(dirname "$done_file"))"
     return
   fi
   local start log="$LOGS/$name.log"
@@ -21,13 +21,32 @@ run_stage() {  # run_stage NAME OUTPUT_DIR COMMAND...: one progress line per sta
   if ! "$@" >"$log" 2>&1; then
     echo "[demo] $name FAILED after $(( $(date +%s) - start ))s; last lines of $log:" >&2
     tail -n 40 "$log" >&2
-    exit 1
+    return 1
   fi
-  echo "[demo] $name: done in $(( $(date +%s) - start ))s -> $out"
+  echo "[demo] $name: done in $(( $(date +%s) - start ))s -> $(dirname "$done_file")"
 }
 
-run_stage prepare "$DEMO" python scripts/prepare_demo.py --output_dir "$DEMO"
-run_stage sft "$DEMO/sft" accelerate launch recipes/sft/train.py --config recipes/sft/config.yaml
+# A 1M-parameter model gains little from a second thread: stages after SFT run two at a time, one thread each.
+THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
+
+run_stage prepare "$DEMO/.always-check"  # idempotent: exits at once when built python scripts/prepare_demo.py --output_dir "$DEMO"
+run_stage sft "$DEMO/sft/run_complete.json" accelerate launch --num_cpu_threads_per_process "$(nproc)" \
+  recipes/sft/train.py --config recipes/sft/config.yaml --output_dir "$DEMO/sft"
+
+# Helpfulness and safety reward models, side by side.
+pids=()
+for kind in helpfulness safety; do
+  config=recipes/reward/config.yaml out="$DEMO/reward"
+  if [ "$kind" = safety ]; then config=recipes/reward/safety.yaml out="$DEMO/reward-safety"; fi
+  run_stage "reward-$kind" "$out/run_complete.json" accelerate launch --num_cpu_threads_per_process "$THREADS" \
+    recipes/reward/train.py --config "$config" --output_dir "$out" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || { echo "[demo] a reward model failed (see above)" >&2; exit 1; }; done
+
+# DPO, PPO, GRPO and rejection sampling from the same SFT model, each evaluated the same way, and the report.
+OMP_NUM_THREADS="$THREADS" run_stage study "$DEMO/study/report.md" \
+  python scripts/study_ppo_vs_dpo.py --study scripts/studies/demo.yaml --seeds 0 --jobs 2 --output_dir "$DEMO/study"
 
 echo "[demo] finished in $(( $(date +%s) - t0 ))s"
 python - "$DEMO" <<'PY'
@@ -35,10 +54,10 @@ import json, sys
 from pathlib import Path
 
 demo = Path(sys.argv[1])
-for marker in sorted(demo.glob("*/run_complete.json")):
+for marker in sorted(demo.glob("*/run_complete.json")) + sorted(demo.glob("study/*/run_complete.json")):
     info = json.loads(marker.read_text())
-    print(f"[demo] {info.get('stage', marker.parent.name):>10}: model {marker.parent}  |  W&B run {info.get('wandb')}")
-    for key, value in sorted(info.get("metrics", {}).items()):
-        if key.startswith("eval/") and isinstance(value, (int, float)):
-            print(f"{'':14}{key} = {value:.4g}")
+    print(f"[demo] {marker.parent.name:>28}: {marker.parent}  |  W&B run {info.get('wandb')}")
+report = demo / "study" / "report.md"
+print(f"\n[demo] report: {report} (curves: {report.parent / 'comparison'})\n")
+print(report.read_text())
 PY

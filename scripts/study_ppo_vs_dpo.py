@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,28 @@ HEADLINES = [
     ("GSM8K strict", "eval/gsm8k/exact_match_strict"),
     ("MMLU accuracy", "eval/mmlu/accuracy"),
     ("mean length (tokens)", "eval/length/mean_tokens"),
-    ("distinct-n (mean, across inputs)", "eval/diversity/across_input_distinct_mean"),
+    ("distinct-n (mean, across prompts)", "eval/diversity/distinct_mean"),
+    ("distinct-n (mean, samples of one prompt)", "eval/diversity/per_input_distinct_mean"),
+    ("embedding diversity (samples of one prompt)", "eval/diversity/per_input_embedding_diversity"),
     ("reward (mean)", "eval/reward/mean"),
     ("KL to SFT", "eval/reward/kl"),
 ]
+REFERENCE_ONLY = ("eval/reward/kl",)  # measured against the SFT policy: not a property of the SFT model itself
+
+
+CHILD_ENV: dict[str, str] = {}  # what every training and evaluation subprocess sees (set in main)
 
 
 def log(message: str) -> None:
-    print(f"[study] {message}", flush=True)
+    sys.stdout.write(f"[study] {message}\n")  # one write: lines from the two lanes never interleave
+    sys.stdout.flush()
 
 
 def run(cmd: list[str], log_file: Path) -> None:
     """Run one step with its output in a log file; on failure, show the end of the log and stop."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as out:
-        result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
     if result.returncode != 0:
         tail = log_file.read_text().splitlines()[-40:]
         raise SystemExit(
@@ -61,10 +69,11 @@ def run(cmd: list[str], log_file: Path) -> None:
 
 
 def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
-    """Launch the method's recipe with the study's overrides; returns wall seconds (0 when already finished)."""
+    """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused)."""
+    seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
     if (output_dir / "run_complete.json").is_file():
         log(f"{method} seed {seed}: already trained ({output_dir})")
-        return 0.0
+        return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
     spec = study["methods"][method]
     overrides = {**study.get("common_overrides", {}), **spec.get("overrides", {})}
     overrides.update(
@@ -73,25 +82,33 @@ def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
     )  # fmt: skip
     cmd = ["accelerate", "launch", "recipes/" + method + "/train.py", "--config", spec["config"]]
     for key, value in overrides.items():
-        cmd += [f"--{key}", " ".join(map(str, value)) if isinstance(value, list) else str(value)]
+        cmd += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
     cmd += ["--wandb_tags", f"study:{study['name']}"]
     log(f"{method} seed {seed}: training -> {output_dir}")
     start = time.time()
     run(cmd, output_dir.parent / "logs" / f"{output_dir.name}.train.log")
-    return time.time() - start
+    seconds = time.time() - start
+    seconds_file.write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> dict[str, float]:
-    """The same standalone evaluation for every model (and the SFT baseline)."""
+    """The same standalone evaluation for every model (and the SFT baseline); an earlier result is reused only when
+    it was made with the same settings."""
+    settings = study["eval"]
+    if output_file.is_file() and stale_settings(json.loads(output_file.read_text()), settings, seed):
+        log(f"{output_file} was made with other evaluation settings: evaluating again")
+        output_file.unlink()
     if not output_file.is_file():
-        settings = study["eval"]
         cmd = [sys.executable, "-m", "eval", "--model", model_dir, "--tasks", settings["tasks"], "--seed", str(seed),
                "--output", str(output_file), "--no_progress"]  # fmt: skip
         if study.get("load_in_4bit", True):
             cmd.append("--load_in_4bit")
-        for flag in ("gsm8k", "mmlu", "limit", "max_new_tokens", "samples_per_prompt", "batch_size", "prompts"):
-            if settings.get(flag) is not None:
-                cmd += [f"--{flag}", str(settings[flag])]
+        for flag in ("gsm8k", "gsm8k_chat", "mmlu", "limit", "max_new_tokens", "samples_per_prompt", "batch_size",
+                     "prompts"):  # fmt: skip
+            value = settings.get(flag)
+            if value is not None:
+                cmd += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
         for reward_model in settings.get("reward_models", []):
             cmd += ["--reward_model", reward_model]
         if model_dir != study["sft"] and "reward" in settings["tasks"]:
@@ -100,6 +117,13 @@ def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> dict[
         run(cmd, output_file.with_suffix(".log"))
     payload = json.loads(output_file.read_text())
     return flatten(payload)
+
+
+def stale_settings(payload: dict[str, Any], settings: dict[str, Any], seed: int) -> bool:
+    recorded = payload.get("config", {})
+    wanted = {key: value for key, value in settings.items() if key not in ("reward_models", "batch_size")}
+    wanted["seed"] = seed
+    return any(str(recorded.get(key)).lower() != str(value).lower() for key, value in wanted.items())
 
 
 def flatten(payload: dict[str, Any]) -> dict[str, float]:
@@ -126,14 +150,20 @@ def effects(table: dict[str, dict[str, list[float]]], baseline: dict[str, float]
     if ppo and dpo:
         gap = ppo[0] - dpo[0]
         verdict = "reproduced" if gap >= 0 else "not reproduced"
-        noise = " (within the seed spread)" if abs(gap) <= max(ppo[1], dpo[1]) else ""
+        n = baseline.get("eval/gsm8k/n", 0)
+        # Two-sided 95% band of a difference of two accuracies on n problems each (binomial sampling noise).
+        band = 1.96 * ((ppo[0] * (1 - ppo[0]) + dpo[0] * (1 - dpo[0])) / n) ** 0.5 if n else 0.0
+        noise = ""
+        if abs(gap) <= max(ppo[1], dpo[1]) or abs(gap) <= band:
+            verdict = "inconclusive"
+            noise = f" (within noise: seed spread {max(ppo[1], dpo[1]):.3f}, sampling ±{band:.3f} on {n:.0f} problems)"
         lines.append(
             f"- PPO >= DPO on math (Ivison et al. 2024: PPO 58.0 vs DPO 50.5 GSM8K, Tulu 2.5 13B): **{verdict}** — "
             f"PPO {ppo[0]:.3f} ± {ppo[1]:.3f} vs DPO {dpo[0]:.3f} ± {dpo[1]:.3f}, gap {gap:+.3f}{noise}."
         )
     for key, name, paper, sign in (
         ("eval/length/mean_tokens", "Longer responses after RLHF", "Singhal et al. 2023: ~100 -> 230 tokens", 1),
-        ("eval/diversity/across_input_distinct_mean", "Lower diversity after RLHF", "Kirk et al. 2024", -1),
+        ("eval/diversity/per_input_distinct_mean", "Lower diversity after RLHF", "Kirk et al. 2024", -1),
     ):
         if key not in baseline:
             lines.append(f"- {name} ({paper}): not measured (no `{key}`).")
@@ -164,15 +194,16 @@ def write_report(study: dict, out: Path, table: dict, baseline: dict, seconds: d
     for label, key in HEADLINES:
         if key not in baseline and not any(key in v for v in table.values()):
             continue
-        cells = [f"{baseline[key]:.4g}" if key in baseline else "—"]
+        cells = ["(reference)" if key in REFERENCE_ONLY else f"{baseline[key]:.4g}" if key in baseline else "—"]
         for method in table:
             values = table[method].get(key)
             if not values:
                 cells.append("—")
                 continue
             mean, spread = summarize(values)
-            delta = f" ({mean - baseline[key]:+.3g})" if key in baseline else ""
-            cells.append(f"{mean:.4g} ± {spread:.2g}{delta}")
+            figure = f"{mean:.4g} ± {spread:.2g}" if len(values) > 1 else f"{mean:.4g}"
+            delta = f" ({mean - baseline[key]:+.3g})" if key in baseline and key not in REFERENCE_ONLY else ""
+            cells.append(figure + delta)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     rows.append(
         "| train time (s, mean) | — | " + " | ".join(f"{statistics.mean(seconds[m]):.0f}" for m in table) + " |"
@@ -181,7 +212,7 @@ def write_report(study: dict, out: Path, table: dict, baseline: dict, seconds: d
         f"# Study: {study['name']}",
         "",
         f"One SFT model (`{study['sft']}`), methods {', '.join(table)}, seeds {seeds}; every final model evaluated "
-        f"with the same settings ({study['eval']['tasks']}). Mean ± standard deviation over seeds, (delta to SFT).",
+        f"with the same settings ({study['eval']['tasks']}). Mean ± standard deviation over seeds (when more than one), (delta to SFT).",
         "Budgets per method: "
         + "; ".join(
             f"{m}: {study['methods'][m].get('budget', study['methods'][m].get('overrides', {}))}" for m in table
@@ -207,6 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the study's seeds")
     parser.add_argument("--methods", nargs="+", help="subset of the study's methods")
     parser.add_argument("--output_dir", type=Path, help="override the study's output_dir")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated side by side (CPU: 2 on 2 cores)")
     args = parser.parse_args(argv)
 
     study = yaml.safe_load(args.study.read_text())
@@ -223,18 +255,31 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_RUN_GROUP", study["name"])
 
-    baseline = evaluate(study, study["sft"], out / "sft.eval.json", seed=seeds[0])
+    CHILD_ENV.clear()
+    CHILD_ENV.update(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # A tiny model gains little from a second thread; two runs side by side use the cores better.
+        CHILD_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+
+    def train_and_evaluate(method: str, seed: int) -> tuple[float, dict[str, float]]:
+        run_dir = out / f"{method}-seed{seed}"
+        seconds = train(study, method, seed, run_dir)
+        return seconds, evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
+
+    runs = [(method, seed) for method in methods for seed in seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a subprocess; threads only wait
+        # Longest first (the study lists them so), the short SFT evaluation last: the two lanes end together.
+        jobs = [pool.submit(train_and_evaluate, method, seed) for method, seed in runs]
+        baseline_job = pool.submit(evaluate, study, study["sft"], out / "sft.eval.json", seeds[0])
+        baseline = baseline_job.result()
+        results = [job.result() for job in jobs]
     table: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
-    run_dirs = [Path(study["sft"])]
-    for method in methods:
-        for seed in seeds:
-            run_dir = out / f"{method}-seed{seed}"
-            seconds.setdefault(method, []).append(train(study, method, seed, run_dir))
-            metrics = evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
-            for key, value in metrics.items():
-                table.setdefault(method, {}).setdefault(key, []).append(value)
-            run_dirs.append(run_dir)
+    for (method, _), (train_seconds, metrics) in zip(runs, results):
+        seconds.setdefault(method, []).append(train_seconds)
+        for key, value in metrics.items():
+            table.setdefault(method, {}).setdefault(key, []).append(value)
+    run_dirs = [Path(study["sft"])] + [out / f"{method}-seed{seed}" for method, seed in runs]
     (out / "results.json").write_text(
         json.dumps({"baseline": baseline, "methods": table, "seconds": seconds}, indent=2)
     )

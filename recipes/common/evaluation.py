@@ -38,6 +38,14 @@ def final_evaluation(recipe_args: RecipeArguments, trainer: Trainer, tokenizer: 
     if not settings["tasks"] or not trainer.accelerator.is_main_process:
         return {}
     from eval import evaluate_model
+    from eval.callback import EvalCallback
+
+    # The callback evaluates on the last step and at train end: reuse that instead of generating everything again.
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, EvalCallback) and callback.history:
+            last = callback.history[-1]
+            if last["step"] == trainer.state.global_step:
+                return {key: value for key, value in last.items() if key != "step"}
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     return evaluate_model(model, tokenizer, **settings)

@@ -817,3 +817,10 @@ def log_summary(run: Any, results: list[dict[str, Any]]) -> None:
         log[f"rs/rounds_plot/{name}"] = wandb.plot.line(table, "round", name, title=f"{name} by round")
     run.log(log)
     run.summary.update({f"round_{r['round']}/{n}": v for r in results for n, v in r["metrics"].items()})
+
+
+def copy_policy_files(policy_dir: str, output_dir: str) -> None:
+    """Copy a round's adapter (or full model) and tokenizer files into `output_dir` (not its checkpoints)."""
+    for item in Path(policy_dir).iterdir():
+        if item.is_file() and item.name not in ("run_complete.json", "training_args.bin"):
+            shutil.copy2(item, Path(output_dir) / item.name)

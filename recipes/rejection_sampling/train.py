@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     if state.is_main_process:
         loop.log_summary(run, results)
         final = {f"round_{r['round']}/{name}": value for r in results for name, value in r["metrics"].items()}
+        final.update(results[-1]["metrics"])  # the final policy's figures under the names every recipe uses
+        # The final policy also sits at output_dir itself, so the run loads like every other recipe's output.
+        loop.copy_policy_files(results[-1]["policy"], training_args.output_dir)
         mark_finished(
             training_args.output_dir, {"stage": "rejection_sampling", "metrics": final, "wandb": run_location(run)}
         )

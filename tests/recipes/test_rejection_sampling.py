@@ -125,6 +125,9 @@ def test_round_trained_a_4bit_qlora_adapter(resumed_run: dict, start_policy: Pat
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("base")
     config = json.loads((resumed_run["output_dir"] / "run_config.json").read_text())["settings"]
     assert config["QLoRAModelConfig.load_in_4bit"] is True
+    # The last round's policy is also the run's output, loadable from output_dir like every recipe's.
+    final = load_file(resumed_run["output_dir"] / "adapter_model.safetensors")
+    assert all(torch.equal(final[name], after[name]) for name in after)
 
 
 def test_scores_are_the_evaluation_suites_grader(resumed_run: dict, demo_dir: Path) -> None:

@@ -33,3 +33,25 @@ def test_accelerate_config_is_valid(path: Path) -> None:
 
     config = yaml.safe_load(path.read_text())
     ClusterConfig(**config)  # accelerate's own schema: unknown or mistyped keys raise
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "scripts" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_study_config_parses_with_each_methods_recipe(path: Path, tmp_path: Path) -> None:
+    """A study's method config plus its overrides is what the study launches: every key must be known."""
+    study = yaml.safe_load(path.read_text())
+    for method, spec in study["methods"].items():
+        module = importlib.import_module(f"recipes.{method}.train")
+        overrides = {**study.get("common_overrides", {}), **spec.get("overrides", {})}
+        argv = [
+            "--config",
+            str(REPO_ROOT / spec["config"]),
+            "--output_dir",
+            str(tmp_path / method),
+            "--use_cpu",
+            "true",
+        ]
+        for key, value in overrides.items():
+            argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+        assert len(parse_config(module.CONFIG_TYPES, argv)) == len(module.CONFIG_TYPES)
+    assert set(study["eval"]) <= {"tasks", "gsm8k", "gsm8k_chat", "mmlu", "prompts", "limit", "max_new_tokens",
+                                  "samples_per_prompt", "batch_size", "reward_models"}  # fmt: skip
