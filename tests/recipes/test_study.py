@@ -117,7 +117,7 @@ def test_runs_are_tagged_and_grouped_for_wandb(study_report: tuple[Path, Path]) 
     for method in ("dpo", "ppo"):
         (run,) = read_runs([out / f"{method}-seed0"])
         assert run.group == "tiny-study"
-        assert {"study:tiny-study", f"method:{method}", "seed:0"} <= set(run.tags), run.tags
+        assert {"study:tiny-study", f"stage:{method}", "seed:0"} <= set(run.tags), run.tags
     assert (out / "comparison" / "report.md").is_file()  # the curves, drawn from those W&B runs
 
 
