@@ -29,7 +29,8 @@ run_stage() {  # run_stage NAME DONE_FILE COMMAND...: one progress line per stag
 # A 1M-parameter model gains little from a second thread: stages after SFT run two at a time, one thread each.
 THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 
-run_stage prepare "$DEMO/.always-check"  # idempotent: exits at once when built python scripts/prepare_demo.py --output_dir "$DEMO"
+# prepare_demo.py is idempotent (a built demo is checked and kept in a second), so it always runs.
+run_stage prepare "$DEMO/.always-run" python scripts/prepare_demo.py --output_dir "$DEMO"
 run_stage sft "$DEMO/sft/run_complete.json" accelerate launch --num_cpu_threads_per_process "$(nproc)" \
   recipes/sft/train.py --config recipes/sft/config.yaml --output_dir "$DEMO/sft"
 

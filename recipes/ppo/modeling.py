@@ -28,6 +28,7 @@ from trl import ModelConfig, get_peft_config
 
 from recipes.common import policy as common_policy
 from recipes.common.modeling import load_model
+from recipes.ppo.rewards import reward_model_path
 
 POLICY_ADAPTER = "default"  # saved at the top of the output dir, where `PeftModel.from_pretrained` looks
 REFERENCE_ADAPTER = "reference"
@@ -87,3 +88,13 @@ def value_backbone(value_model: PeftModel) -> PreTrainedModel:
     resolves to the whole classifier, on the inner model to its backbone, as intended.
     """
     return value_model.base_model.model
+
+
+def value_init_path(model_args: ModelConfig, training_args: Any, ppo_args: Any) -> str:
+    """`value_model_path`; else the (helpfulness) reward model when it gives the reward (the value predicts returns on
+    its scale); else the policy's base with a fresh score head (the math reward's 0/1 scale is not an RM's)."""
+    if ppo_args.value_model_path:
+        return ppo_args.value_model_path
+    if ppo_args.reward_source == "reward_model":
+        return reward_model_path(training_args)
+    return common_policy.adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path

@@ -26,6 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from trl.experimental.ppo import PPOConfig
+
+from recipes.common.reward import (
+    CombinedRewardModel,
+    PromptSafetyTags,
+    RewardCombination,
+    load_reward_model,
+    safety_tags,
+)
 
 REWARD_SOURCES = ("math", "reward_model")
 
@@ -148,3 +157,30 @@ class PPOReward(nn.Module):
         """Everything recorded since the last call, concatenated per name."""
         records, self.records = self.records, []
         return {name: torch.cat([record[name] for record in records]) for name in (records[0] if records else {})}
+
+
+TRL_PLACEHOLDER_PATH = PPOConfig.reward_model_path  # PPOConfig's default ("EleutherAI/pythia-160m"): means unset
+
+
+def reward_model_path(training_args: PPOConfig) -> str | None:
+    """`PPOConfig.reward_model_path`, None while it holds TRL's placeholder default."""
+    path = training_args.reward_model_path
+    return None if path == TRL_PLACEHOLDER_PATH else path
+
+
+def load_reward_models(
+    tokenizer: PreTrainedTokenizerBase, prompts: PromptTable, training_args: PPOConfig, ppo_args: Any
+) -> CombinedRewardModel | None:
+    """The combined helpfulness (+ safety) reward model, or None for the math reward."""
+    if ppo_args.reward_source != "reward_model":
+        return None
+    # Tokenizers were checked by `check_same_tokenizers` (modulo the pad token, which PPO takes from the policy).
+    helpfulness, _ = load_reward_model(reward_model_path(training_args))
+    safety = load_reward_model(ppo_args.safety_reward_model_path)[0] if ppo_args.safety_reward_model_path else None
+    unsafe = [ids for ids, row in prompts.rows.items() if safety_tags(1, {k: [v] for k, v in row.items()})[0]]
+    return CombinedRewardModel(
+        helpfulness,
+        safety,
+        RewardCombination(safety_threshold=ppo_args.safety_threshold, whitening=ppo_args.reward_whitening),
+        safety_tagger=PromptSafetyTags(unsafe) if unsafe else None,
+    )

@@ -31,26 +31,18 @@ from recipes.common.data import load_train_eval, take
 from recipes.common.evaluation import build_eval_callback
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
-from recipes.common.reward import (
-    CombinedRewardModel,
-    PromptSafetyTags,
-    RewardCombination,
-    load_reward_model,
-    safety_tags,
-)
 from recipes.common.tracking import init_wandb, run_location
 from recipes.ppo.data import PPO_FORMATS, check_same_tokenizers, load_policy_tokenizer, select_prompts, tokenize_prompts
-from recipes.ppo.modeling import AdapterReference, load_policy, load_value_model, value_backbone
-from recipes.ppo.rewards import REWARD_SOURCES, PPOReward, PromptTable
+from recipes.ppo.modeling import AdapterReference, load_policy, load_value_model, value_backbone, value_init_path
+from recipes.ppo.rewards import REWARD_SOURCES, PPOReward, PromptTable, load_reward_models, reward_model_path
 from recipes.ppo.trainer import (
     ResumablePPOTrainer,
     check_resumable,
     checkpoint_is_complete,
+    final_metrics,
     last_complete_checkpoint,
     planned_updates,
 )
-
-TRL_PLACEHOLDER_PATH = PPOConfig.reward_model_path  # PPOConfig's default ("EleutherAI/pythia-160m"): means unset
 
 
 @dataclass
@@ -213,19 +205,6 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
     return trainer
 
 
-def final_metrics(log_history: list[dict]) -> dict[str, float]:
-    """The last update's training metrics, the last evaluation, and the step-0 evaluation as `before/eval/...`
-    (from the log history, which a resumed run carries on)."""
-    updates = [entry for entry in log_history if "objective/kl" in entry]
-    evals = [entry for entry in log_history if any(key.startswith("eval/") for key in entry)]
-    metrics = {f"train/{k}": v for k, v in updates[-1].items() if k != "step"} if updates else {}
-    if evals and evals[0]["step"] == 0:
-        metrics.update({f"before/{k}": v for k, v in evals[0].items() if k != "step"})
-    if evals:
-        metrics.update({k: v for k, v in evals[-1].items() if k != "step"})
-    return metrics
-
-
 def check_options(ppo_args: PPOScriptArguments, training_args: PPOConfig, model_args: QLoRAModelConfig) -> None:
     if ppo_args.reward_source not in REWARD_SOURCES:
         raise ConfigError(f"reward_source {ppo_args.reward_source!r} is not one of {REWARD_SOURCES}.")
@@ -243,38 +222,6 @@ def check_options(ppo_args: PPOScriptArguments, training_args: PPOConfig, model_
                 f"{path!r} does not exist. Train the reward model(s) first (recipes/reward/train.py with "
                 "recipes/reward/config.yaml and safety.yaml), or point reward_model_path / value_model_path elsewhere."
             )
-
-
-def reward_model_path(training_args: PPOConfig) -> str | None:
-    """`PPOConfig.reward_model_path`, None while it holds TRL's placeholder default."""
-    path = training_args.reward_model_path
-    return None if path == TRL_PLACEHOLDER_PATH else path
-
-
-def value_init_path(model_args: QLoRAModelConfig, training_args: PPOConfig, ppo_args: PPOScriptArguments) -> str:
-    """`value_model_path`; else the (helpfulness) reward model when it gives the reward (the value predicts returns on
-    its scale); else the policy's base with a fresh score head (the math reward's 0/1 scale is not an RM's)."""
-    if ppo_args.value_model_path:
-        return ppo_args.value_model_path
-    if ppo_args.reward_source == "reward_model":
-        return reward_model_path(training_args)
-    return common_policy.adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path
-
-
-def load_reward_models(tokenizer, prompts: PromptTable, training_args: PPOConfig, ppo_args: PPOScriptArguments):
-    """The combined helpfulness (+ safety) reward model, or None for the math reward."""
-    if ppo_args.reward_source != "reward_model":
-        return None
-    # Tokenizers were checked by `check_same_tokenizers` (modulo the pad token, which PPO takes from the policy).
-    helpfulness, _ = load_reward_model(reward_model_path(training_args))
-    safety = load_reward_model(ppo_args.safety_reward_model_path)[0] if ppo_args.safety_reward_model_path else None
-    unsafe = [ids for ids, row in prompts.rows.items() if safety_tags(1, {k: [v] for k, v in row.items()})[0]]
-    return CombinedRewardModel(
-        helpfulness,
-        safety,
-        RewardCombination(safety_threshold=ppo_args.safety_threshold, whitening=ppo_args.reward_whitening),
-        safety_tagger=PromptSafetyTags(unsafe) if unsafe else None,
-    )
 
 
 if __name__ == "__main__":

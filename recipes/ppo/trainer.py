@@ -213,3 +213,16 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if checkpoint_is_complete(str(folder)):
             return os.fspath(folder)
     return None
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last update's training metrics, the last evaluation, and the step-0 evaluation as `before/eval/...`
+    (from the log history, which a resumed run carries on)."""
+    updates = [entry for entry in log_history if "objective/kl" in entry]
+    evals = [entry for entry in log_history if any(key.startswith("eval/") for key in entry)]
+    metrics = {f"train/{k}": v for k, v in updates[-1].items() if k != "step"} if updates else {}
+    if evals and evals[0]["step"] == 0:
+        metrics.update({f"before/{k}": v for k, v in evals[0].items() if k != "step"})
+    if evals:
+        metrics.update({k: v for k, v in evals[-1].items() if k != "step"})
+    return metrics
