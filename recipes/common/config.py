@@ -50,6 +50,12 @@ class RecipeArguments(ScriptArguments):
     eval_mmlu_dir: str | None = field(default=None, metadata={"help": "MMLU CSV directory (dev/ + test/) for eval."})
     eval_num_samples: int = field(default=64, metadata={"help": "Size of the fixed, seeded eval subset."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation limit for generative eval tasks."})
+    eval_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Prompts per generate / log-likelihood batch of the evaluation suite (lower it on small GPUs)."
+        },
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ def eval_settings(recipe_args: RecipeArguments, seed: int) -> dict[str, Any]:
         "mmlu_dir": recipe_args.eval_mmlu_dir,
         "num_samples": recipe_args.eval_num_samples,
         "max_new_tokens": recipe_args.eval_max_new_tokens,
+        "batch_size": recipe_args.eval_batch_size,
         "seed": seed,
     }
 

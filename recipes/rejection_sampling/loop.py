@@ -730,7 +730,7 @@ def evaluate_policy(
     settings = eval_settings(recipe_args, seed)
     if settings["tasks"]:
         # batch_size: sequences per generate call (`per_device_eval_batch_size`); the suite splits it by samples.
-        metrics.update(evaluate_model(model, tokenizer, batch_size=batch_size, **settings))
+        metrics.update(evaluate_model(model, tokenizer, **{**settings, "batch_size": batch_size}))
     table: list[dict[str, Any]] = []
     if heldout:
         sampler = hf_sampler(model, tokenizer, rs.max_new_tokens, rs.generation_batch_size, rs.top_p)
