@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> Path:
         )
     out = args.output_dir or Path(study["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_RUN_GROUP", study["name"])
 
     CHILD_ENV.clear()
     CHILD_ENV.update(os.environ)
+    CHILD_ENV.setdefault("WANDB_RUN_GROUP", study["name"])
     if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         # A tiny model gains little from a second thread; two runs side by side use the cores better.
         CHILD_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))

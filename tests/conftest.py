@@ -44,4 +44,21 @@ def _offline_environment(tmp_path_factory: pytest.TempPathFactory):
 def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A W&B directory of this test's own, for tests that read back what they logged."""
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    if "wandb" in sys.modules:  # wandb reads WANDB_DIR once per process, at its first init: start it afresh
+        sys.modules["wandb"].teardown()
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_wandb_state():
+    """Recipes run in-process here: a W&B run or W&B variable left behind would capture the next test's logging."""
+    yield
+    wandb = sys.modules.get("wandb")
+    leaked = [name for name in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RUN_GROUP") if name in os.environ]
+    for name in leaked:
+        del os.environ[name]
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish()
+        leaked.append("an active wandb.run")
+    if leaked:
+        pytest.fail(f"the test left W&B state behind: {leaked} (a recipe must finish its run, even when it fails)")

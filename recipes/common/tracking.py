@@ -97,8 +97,10 @@ def init_wandb(
     entity: str | None = None,
     extra_tags: list[str] | None = None,
     job_dir: str | None = None,
+    run_id: str | None = None,
 ) -> Any:
     """Start the W&B run on the main process before the trainer does, so it carries our name, group, tags and config.
+    With `run_id`, a relaunch continues that run (resume="allow") instead of starting a new one.
 
     transformers' WandbCallback reuses an active run. Returns the run, or None when W&B is off or on other ranks.
     """
@@ -118,6 +120,8 @@ def init_wandb(
         config={**config, "provenance": provenance(), "stage": stage, "method": method, "seed": seed},
         dir=job_dir or os.environ.get("WANDB_DIR"),
         mode=mode,
+        id=run_id,
+        resume="allow" if run_id else None,
     )
     return run
 

@@ -10,7 +10,6 @@ file under `output_dir/round_<k>/` (see loop.py), so a killed run relaunched wit
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -117,8 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = config_to_dict(recipe_args, training_args, model_args, rs)
     record = loop.open_run_dir(training_args.output_dir, config, recipe_args.overwrite_output_dir, state)
-    os.environ.setdefault("WANDB_RUN_ID", record["wandb_id"])  # a relaunch continues the same W&B run
-    os.environ.setdefault("WANDB_RESUME", "allow")
     run = init_wandb(
         training_args.report_to,
         project=recipe_args.wandb_project,
@@ -130,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         group=recipe_args.wandb_group,
         entity=recipe_args.wandb_entity,
         extra_tags=recipe_args.wandb_tags,
+        run_id=record["wandb_id"],  # a relaunch continues the same W&B run
     )
     print(
         f"[rejection_sampling] process {state.process_index} of {state.num_processes}: {rs.method}, {rs.num_rounds} "
@@ -140,24 +138,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Round 0 is the starting policy, evaluated; round k samples from policy k-1, selects, trains policy k.
     cache = loop.PolicyCache(model_args)
-    results = [
-        loop.run_round(
-            k,
-            rs,
-            recipe_args,
-            training_args,
-            model_args,
-            tokenizer,
-            prompts,
-            heldout,
-            scorer,
-            record,
-            state,
-            run,
-            cache,
-        )
-        for k in range(rs.num_rounds + 1)
-    ]
+    try:
+        results = [
+            loop.run_round(
+                k,
+                rs,
+                recipe_args,
+                training_args,
+                model_args,
+                tokenizer,
+                prompts,
+                heldout,
+                scorer,
+                record,
+                state,
+                run,
+                cache,
+            )
+            for k in range(rs.num_rounds + 1)
+        ]
+    except BaseException:  # a failed round (bad scores, Ctrl-C) marks the W&B run failed; finished rounds stay
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
 
     summary = loop.summary_table(results)
     if state.is_main_process:
@@ -173,9 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[rejection_sampling] rounds in {training_args.output_dir}; W&B run: {run_location(run)}", flush=True)
     if run is not None:
         run.finish()
-    for name in ("WANDB_RUN_ID", "WANDB_RESUME"):
-        if os.environ.get(name) in (record["wandb_id"], "allow"):
-            del os.environ[name]
     return {"rounds": results, "summary": summary, "output_dir": training_args.output_dir}
 
 
