@@ -225,6 +225,9 @@ def write_report(study: dict, out: Path, table: dict, baseline: dict, seconds: d
         "",
         *effects(table, baseline),
         "",
+        "A verdict counts the sign of each change, however small: read it with the figures (one seed and a few hundred "
+        "prompts move accuracy by several points and length by a token or two).",
+        "",
         "Curves and per-run tables: [comparison/report.md](comparison/report.md).",
     ]
     path = out / "report.md"
