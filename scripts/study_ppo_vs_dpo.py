@@ -244,6 +244,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated side by side (CPU: 2 on 2 cores)")
     args = parser.parse_args(argv)
 
+    if args.jobs < 1:
+        raise SystemExit(f"[study] --jobs {args.jobs}: give 1 or more (2 on a 2-core CPU runs two runs side by side).")
+    if not args.study.is_file():
+        raise SystemExit(
+            f"[study] no study file {args.study}; shipped ones: {sorted(p.name for p in DEFAULT_STUDY.parent.glob('*.yaml'))}."
+        )
     study = yaml.safe_load(args.study.read_text())
     seeds = args.seeds or study["seeds"]
     methods = args.methods or list(study["methods"])

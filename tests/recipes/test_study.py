@@ -132,3 +132,11 @@ def test_unknown_method_is_refused(study_report: tuple[Path, Path]) -> None:
     _, out = study_report
     with pytest.raises(SystemExit, match="unknown method"):
         study_ppo_vs_dpo.main(["--study", str(out.parent / "study.yaml"), "--methods", "kto"])
+
+
+def test_bad_arguments_are_refused_before_any_run(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--jobs 0"):
+        study_ppo_vs_dpo.main(["--jobs", "0"])
+    with pytest.raises(SystemExit, match="no study file"):
+        study_ppo_vs_dpo.main(["--study", str(tmp_path / "missing.yaml")])
+    assert not list(tmp_path.iterdir())  # nothing written
