@@ -29,7 +29,7 @@ from demo.datasets import DemoData, DemoSizes, build_datasets, qa_text, write_da
 from demo.tokenizer import build_tokenizer  # noqa: E402
 
 # Bump when the generated data or model changes, so that a cached demo from an older version is not reused.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 TORCH_THREADS = 2
 EVAL_PROBLEMS_PER_LEVEL = 50
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-# Built with the same command a user runs; prepare_demo.py is idempotent, so later sessions reuse it.
-DEMO_CACHE = Path(os.environ.get("RECIPES_TEST_DEMO_DIR", REPO_ROOT / "outputs" / "test-cache" / "demo"))
+# Built with the same command a user runs; prepare_demo.py is idempotent, so later sessions reuse it. One directory
+# per demo version: prepare_demo.py refuses to overwrite a demo of another version, and a pull that bumps the version
+# must not make the suite fail on an old cache.
+DEMO_VERSION = re.search(r"^DEMO_VERSION = (\d+)", (REPO_ROOT / "scripts" / "prepare_demo.py").read_text(), re.M)[1]
+DEMO_CACHE = Path(
+    os.environ.get("RECIPES_TEST_DEMO_DIR", REPO_ROOT / "outputs" / "test-cache" / f"demo-v{DEMO_VERSION}")
+)
 
 
 @pytest.fixture(scope="session")

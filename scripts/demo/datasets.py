@@ -31,6 +31,10 @@ from .conversations import (
 from .facts import MMLU_SUBJECTS, build_mmlu, fact_sentences, mc_prompt, write_csv
 from .math_problems import MathProblem, generate_math
 
+# Share of SFT math replies that give only the final line "#### N", as many real SFT mixes do. The tiny model
+# cannot do a two-step sum in its head, so an answer-only reply is usually wrong: the SFT policy answers directly
+# about as often as it works the problem out, and learning to work it out is what RL can teach in CPU minutes.
+ANSWER_ONLY_SHARE = 0.5
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 
 
@@ -196,12 +200,18 @@ def safety_rows(rng: random.Random, n: int, unsafe: list[UnsafeItem], benign: li
     return rows
 
 
+def math_reply(rng: random.Random, problem: MathProblem, answer_only_share: float = ANSWER_ONLY_SHARE) -> str:
+    """The worked solution, or (with probability `answer_only_share`) only its last line "#### N"."""
+    return problem.solution() if rng.random() >= answer_only_share else f"#### {problem.result}"
+
+
 def sft_rows(
     rng: random.Random, n: int, problems: list[MathProblem], chats: list[ChatItem], unsafe: list[UnsafeItem]
 ) -> list[dict]:
     n_math, n_unsafe = round(n * 0.6), round(n * 0.1)
     rows = [
-        {"messages": _user(p.question) + _assistant(p.solution()), "task": "math"} for p in rng.sample(problems, n_math)
+        {"messages": _user(p.question) + _assistant(math_reply(rng, p)), "task": "math"}
+        for p in rng.sample(problems, n_math)
     ]
     for _ in range(n - n_math - n_unsafe):
         item = rng.choice(chats)

@@ -23,12 +23,13 @@ from .math_problems import final_answer
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """Sized for ~2 minutes on 2 CPU cores (~0.13 s a step).
+    """Sized for ~2 minutes on 2 CPU cores (~0.16 s a step).
 
-    Measured on this corpus: the model first learns the format, then (after ~300 steps) to copy names and numbers
-    from the question, and only then arithmetic. Many small steps beat fewer large ones here: 3 layers of 128 at
-    batch 8 reach ~30% greedy accuracy on level 1 in 1,000 steps, where 4 layers of 192 at batch 16 stay below 15%
-    in the same time, still guessing the numbers. Accuracy is left low on purpose, as headroom for SFT and RL.
+    Measured on this corpus: the model first learns the format, then to copy numbers from the question, and then,
+    fairly suddenly, the arithmetic (numbers up to 20): greedy accuracy of the base model on the demo test problems
+    was 34-44% after 600 steps, 55% after 700 and 73% after 800. Many small steps beat fewer large ones here, and a
+    higher peak lr (5e-3) lowered the loss but not the accuracy. 800 steps give SFT a model whose worked solutions
+    are mostly right, which is what RL needs to have something to reinforce.
     """
 
     hidden_size: int = 128
@@ -37,7 +38,7 @@ class PretrainSettings:
     intermediate_size: int = 352
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 900
+    steps: int = 800
     lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01

@@ -89,17 +89,21 @@ def test_math_solutions_are_right_and_end_with_the_answer(data) -> None:
 
 def test_sft_schema(data) -> None:
     for split in ("train", "test"):
-        tasks = Counter()
+        tasks, math_kinds = Counter(), Counter()
         for row in data.sft[split]:
             assert set(row) == {"messages", "task"}
             assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
             assert all(m["content"].strip() for m in row["messages"])
             tasks[row["task"]] += 1
-            if row["task"] == "math":
-                assert re.search(r"\n#### \d+$", row["messages"][1]["content"])
+            if row["task"] == "math":  # a worked solution ending "#### N", or that last line alone
+                reply = row["messages"][1]["content"]
+                assert re.search(r"(^|\n)#### \d+$", reply)
+                math_kinds["answer_only" if reply.startswith("#### ") else "worked"] += 1
             if row["task"] == "unsafe":
                 assert "can't help" in row["messages"][1]["content"]
         assert set(tasks) == {"math", "chat", "unsafe"}
+        share = math_kinds["answer_only"] / sum(math_kinds.values())
+        assert abs(share - demo_datasets.ANSWER_ONLY_SHARE) < 0.1, math_kinds
 
 
 def _check_pair(row: dict) -> None:
