@@ -42,7 +42,7 @@ def grpo_args(demo_dir: Path, sft_dir: Path, output_dir: Path, *extra: str) -> l
         "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "3",
         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "24",
         "--learning_rate", "1e-2", "--max_train_samples", "32",
-        # length: sampled lengths differ within a group, so advantages (and updates) are non-zero at any skill
+        # length (and rm below): rewards that vary at any skill, so advantages and updates are not all zero
         "--reward_functions", "correctness", "format", "length", "--reward_weights", "1.0", "0.2", "0.5",
         "--eval_tasks", "gsm8k", "--eval_num_samples", "4", "--eval_max_new_tokens", "16",
         *extra,
@@ -81,7 +81,9 @@ def test_metrics_logged_and_finite(grpo_run: tuple) -> None:
     keys += ["rewards/format/mean", "rewards/length/mean", "rewards/length/std", "rewards/rm/mean", "rewards/rm/std"]
     for key in keys:
         assert all(math.isfinite(e[key]) for e in logs), key
-    assert any(e["rewards/length/std"] > 0 for e in logs)
+    # rewards differ within the batch, so the updates are not zero (lengths may all hit the limit: this SFT adapter
+    # is the base model, which rarely ends a chat reply)
+    assert any(e["reward_std"] > 0 for e in logs)
     assert logs[-1]["kl"] > 0  # the policy moved away from the reference (the SFT adapter)
     assert any("eval/gsm8k/accuracy" in e for e in trainer.state.log_history)
 
