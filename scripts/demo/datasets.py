@@ -32,8 +32,9 @@ from .facts import MMLU_SUBJECTS, build_mmlu, fact_sentences, mc_prompt, write_c
 from .math_problems import MathProblem, generate_math
 
 # Share of SFT math replies that give only the final line "#### N", as many real SFT mixes do. The tiny model
-# cannot do a two-step sum in its head, so an answer-only reply is usually wrong: the SFT policy answers directly
-# about as often as it works the problem out, and learning to work it out is what RL can teach in CPU minutes.
+# cannot do a two-step sum in its head, so an answer-only reply is usually wrong. The SFT policy samples either kind
+# about equally, but greedy decoding picks the bare answer (one first token against many ways to start a worked
+# one); learning to work the problem out is what RL can teach in CPU minutes.
 ANSWER_ONLY_SHARE = 0.5
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 
