@@ -57,6 +57,22 @@ def quantization_config() -> BitsAndBytesConfig:
     )
 
 
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep every bitsandbytes 4-bit layer of `model` on its one quantized layout, on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a 4-bit layer's weights for a faster kernel the first time
+    the layer runs in eval mode without grad, and keeps them packed. That packing fails for in_features that are not a
+    multiple of 64; it computes in bf16 (other logits than the training path's); and a packed layer passes no gradient
+    to its input afterwards (`bitsandbytes::gemv_4bit` has no autograd kernel), so QLoRA training that evaluates or
+    generates between steps (eval callbacks, PPO and GRPO rollouts) would silently lose the gradient through every
+    frozen base layer. Measured: tests/unit/test_4bit_cpu.py. Returns `model`.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def _adapter_base(adapter_dir: Path) -> str:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
@@ -97,7 +113,7 @@ def load_model_and_tokenizer(
         kwargs["quantization_config"] = quantization_config()
         kwargs["device_map"] = {"": device}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        loaded = keep_4bit_weights_unpacked(AutoModelForCausalLM.from_pretrained(model, **kwargs))
         tokenizer_source = model
         if adapter is not None:
             from peft import PeftModel

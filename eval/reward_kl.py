@@ -82,7 +82,7 @@ def load_reward_model(
 ) -> RewardModel:
     """A reward model from a directory: a saved `AutoModelForSequenceClassification`, or a LoRA adapter (with its
     score head in `modules_to_save`) over the base named in its adapter_config.json."""
-    from eval.loading import check_model_source, quantization_config, resolve_device
+    from eval.loading import check_model_source, keep_4bit_weights_unpacked, quantization_config, resolve_device
 
     directory = Path(path).expanduser()
     adapter_config = directory / "adapter_config.json"
@@ -98,11 +98,12 @@ def load_reward_model(
             base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
             check_model_source(base_name, what=f"base model of reward adapter {path}")
             base = AutoModelForSequenceClassification.from_pretrained(base_name, num_labels=1, **kwargs)
+            keep_4bit_weights_unpacked(base)
             model = PeftModel.from_pretrained(base, str(directory))
             tokenizer_source = str(directory) if (directory / "tokenizer_config.json").is_file() else base_name
         else:
             check_model_source(path, what="reward model")
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            model = keep_4bit_weights_unpacked(AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
             tokenizer_source = path
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
     except EvalError:

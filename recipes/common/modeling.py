@@ -16,10 +16,13 @@ from transformers import (
 )
 from trl import ModelConfig, get_quantization_config
 
+from eval.loading import keep_4bit_weights_unpacked
+from recipes.common.errors import UserError
+
 GENERATION_MARKER = "{% generation %}"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model/tokenizer problem the user must fix; the message says what, where and how."""
 
 
@@ -132,6 +135,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **kwargs)
+    keep_4bit_weights_unpacked(model)  # one 4-bit code path on every CPU (see its docstring)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
 

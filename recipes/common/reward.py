@@ -70,6 +70,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from eval.loading import keep_4bit_weights_unpacked
+from recipes.common.errors import UserError
+
 SAFETY_THRESHOLD = 0.15  # Llama 2: precision 0.89 / recall 0.55 on unsafe responses of their eval set
 KL_BETA = {"7B": 0.01, "13B": 0.01, "34B": 0.005, "70B": 0.005}  # Llama 2's PPO KL coefficients (documentation)
 WHITENING_MODES = ("batch", "fixed", "none")
@@ -77,7 +80,7 @@ SAFETY_TASKS = ("unsafe", "safety")  # values of a `task` column that mark a saf
 RM_INFO_FILE = "reward_model.json"  # written by recipes/reward/train.py next to the adapter
 
 
-class RewardModelError(ValueError):
+class RewardModelError(UserError):
     """A reward-model problem the user must fix; the message says what, where and how."""
 
 
@@ -153,6 +156,7 @@ def load_reward_model(
         model = AutoModelForSequenceClassification.from_pretrained(
             base or path, num_labels=1, **quantization_kwargs(model_args)
         )
+    keep_4bit_weights_unpacked(model)
     if base is not None:
         from peft import PeftModel
 

@@ -33,6 +33,7 @@ from accelerate import PartialState
 
 from eval.data import read_jsonl, write_json_atomic, write_jsonl_atomic
 from recipes.common.config import ConfigError
+from recipes.common.errors import UserError
 from recipes.rejection_sampling.selection import (
     best_of_n_curve,
     by_prompt,
@@ -59,7 +60,7 @@ Sampler = Callable[[Sequence[str], int, float, int], list[list[dict[str, Any]]]]
 Scorer = Callable[[Sequence[dict[str, Any]], Sequence[str]], list[float]]
 
 
-class RoundStateError(ValueError):
+class RoundStateError(UserError):
     """The output dir holds rounds this config did not produce; the message says what differs and how to proceed."""
 
 
@@ -303,12 +304,15 @@ def load_generation_model(model_args: Any, policy_path: str) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from eval.loading import keep_4bit_weights_unpacked
     from recipes.common.modeling import check_model_path, quantization_kwargs
     from recipes.common.policy import adapter_base
 
     base = adapter_base(policy_path)
     kwargs = quantization_kwargs(model_args)
-    model = AutoModelForCausalLM.from_pretrained(check_model_path(base or policy_path), **kwargs)
+    model = keep_4bit_weights_unpacked(
+        AutoModelForCausalLM.from_pretrained(check_model_path(base or policy_path), **kwargs)
+    )
     if "quantization_config" not in kwargs:
         model.to(PartialState().device)
     if base is not None:
@@ -688,7 +692,7 @@ def select_round(k: int, rs: Any, out: Path, path: Path, num_prompts: int, token
         raise RejectionSamplingError(f"Round {k}: the main process selected nothing (see its error above).")
 
 
-class RejectionSamplingError(ValueError):
+class RejectionSamplingError(UserError):
     """A round cannot go on (e.g. nothing passed the selection); the message says why and what to change."""
 
 
