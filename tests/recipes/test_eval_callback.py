@@ -170,7 +170,7 @@ def test_unwrap_finds_the_policy_inside_trl_ppo_wrapper() -> None:
     tokenizer = build_char_tokenizer()
     policy = build_tiny_model(tokenizer)
     value = LlamaForSequenceClassification(
-        LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                     num_attention_heads=2, num_labels=1)
     )  # fmt: skip
     assert unwrap(PolicyAndValueWrapper(policy, value)) is policy

@@ -85,8 +85,8 @@ def test_kl_without_any_reference_fails_clearly(tokenizer) -> None:
 def _save_reward_model(directory: Path, tokenizer, seed: int = 0) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # 4-bit layers: in_features a multiple of 64 (tests/unit/test_4bit_cpu.py)
+        intermediate_size=128,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,

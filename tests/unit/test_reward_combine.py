@@ -97,7 +97,7 @@ def tokenizer():
 def tiny_rm(tokenizer, seed: int) -> LlamaForSequenceClassification:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     model = LlamaForSequenceClassification(config).eval()
