@@ -61,16 +61,16 @@ def ead_n(texts: Sequence[str], n: int, vocab_size: int = DEFAULT_EAD_VOCAB_SIZE
 
 def sentence_bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
     """BLEU of one tokenised hypothesis against tokenised references: clipped n-gram precisions (n = 1..max_n,
-    uniform weights), brevity penalty against the closest reference length, and NLTK's smoothing "method1"
-    (a zero count becomes 0.1) so that short texts do not all score 0."""
+    uniform weights), brevity penalty against the closest reference length, and NLTK's smoothing "method1": a zero
+    count becomes 0.1, over a denominator of at least 1, so a hypothesis shorter than n words gets 0.1 for that order
+    rather than 0 (as `nltk.translate.bleu_score.sentence_bleu(..., smoothing_function=SmoothingFunction().method1)`;
+    cross-checked in tests/unit/test_eval_diversity.py). 0 when no unigram matches or the hypothesis is empty."""
     if not hypothesis or not references:
         return 0.0
     log_precision = 0.0
     for n in range(1, max_n + 1):
         hyp_counts = Counter(ngrams(hypothesis, n))
-        total = sum(hyp_counts.values())
-        if total == 0:
-            return 0.0  # hypothesis shorter than n: BLEU-max_n is undefined, scored 0 as NLTK does
+        total = max(1, sum(hyp_counts.values()))  # NLTK's modified precision: denominator at least 1
         max_ref: Counter = Counter()
         for reference in references:
             for gram, count in Counter(ngrams(reference, n)).items():

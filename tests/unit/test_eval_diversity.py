@@ -60,6 +60,34 @@ def test_sentence_bleu_matches_nltk() -> None:
     assert ours == pytest.approx(theirs, abs=1e-12)
 
 
+# Short texts are where the smoothing matters: a hypothesis of 1-3 words has no 4-gram (or no 2-, 3-gram), and NLTK's
+# method1 counts each missing order as 0.1 / 1 (modified precision's denominator is at least 1) instead of scoring 0.
+SHORT_CASES = [
+    ("yes", ["yes", "no"]),
+    ("yes it is", ["yes it is", "no it is not"]),
+    ("the answer is 5", ["the answer is 6", "it is 5"]),
+    ("5", ["the answer is 5"]),
+    ("a b", ["c d"]),  # no unigram in common: 0 in both
+    ("ok .", ["ok . ok .", "fine"]),
+]
+
+
+@pytest.mark.parametrize(("hypothesis", "references"), SHORT_CASES)
+def test_sentence_bleu_matches_nltk_on_short_texts(hypothesis: str, references: list[str]) -> None:
+    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    hyp, refs = words(hypothesis), [words(r) for r in references]
+    theirs = nltk_bleu.sentence_bleu(refs, hyp, smoothing_function=nltk_bleu.SmoothingFunction().method1)
+    assert sentence_bleu(hyp, refs) == pytest.approx(theirs, abs=1e-12)
+
+
+def test_sentence_bleu_of_short_texts_by_hand() -> None:
+    # "yes" vs ["yes"]: p1 = 1/1; p2, p3, p4 have no n-gram: 0.1 / 1 each; lengths equal, no brevity penalty.
+    assert sentence_bleu(["yes"], [["yes"]]) == pytest.approx((1.0 * 0.1**3) ** 0.25)
+    # Two identical 3-word texts: p1 = p2 = p3 = 1, p4 = 0.1.
+    assert self_bleu(["yes it is", "yes it is"]) == pytest.approx(0.1**0.25)
+    assert sentence_bleu([], [["yes"]]) == 0.0
+
+
 def test_embedding_diversity_with_fixed_vectors() -> None:
     vectors = {"x": [1.0, 0.0], "y": [0.0, 1.0], "z": [1.0, 0.0]}
 
