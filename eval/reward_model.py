@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    EvalPrediction,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 # Llama 2's annotation scale (Touvron et al. 2023, section 3.2.1), strongest first; Table 28's columns.
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -177,6 +184,22 @@ def evaluate_reward_model(
     prompts = list(dataset["prompt"]) if "prompt" in columns else [None] * len(dataset)
     chosen_scores = score(model, tokenizer, prompts, list(dataset["chosen"]), batch_size=batch_size)
     rejected_scores = score(model, tokenizer, prompts, list(dataset["rejected"]), batch_size=batch_size)
+    result = reward_model_metrics(chosen_scores, rejected_scores, dataset, rating_column, bins, safety_threshold)
+    result["runtime_s"] = time.perf_counter() - start
+    return result
+
+
+def reward_model_metrics(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    dataset: Any,
+    rating_column: str | None = "rating",
+    bins: int = 10,
+    safety_threshold: float = 0.15,
+) -> dict[str, Any]:
+    """`evaluate_reward_model`'s metrics from scores already computed, one chosen and one rejected score per row of
+    `dataset` (whose rating, chosen_safe/rejected_safe and task columns are read when present)."""
+    columns = set(dataset.column_names)
     ratings = list(dataset[rating_column]) if rating_column and rating_column in columns else None
     result = pairwise_metrics(chosen_scores, rejected_scores, ratings, bins)
     if {"chosen_safe", "rejected_safe"} <= columns:
@@ -188,7 +211,6 @@ def evaluate_reward_model(
         result["tasks"] = {
             task: sum(c for c, t in zip(correct, tasks) if t == task) / tasks.count(task) for task in sorted(set(tasks))
         }
-    result["runtime_s"] = time.perf_counter() - start
     return result
 
 
@@ -238,10 +260,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class RewardModelEvalCallback(TrainerCallback):
-    """`evaluate_reward_model` after each of the trainer's evaluations (main process only), logged as `eval/rm/...`.
+    """`evaluate_reward_model` after each of the trainer's evaluations, logged as `eval/rm/...` (main process).
 
-    Under DDP the other ranks go on to their next collective and wait there; the unwrapped model's forward starts
-    no collective. Runs under the same autocast as training (a bf16-trained 4-bit model expects it).
+    One forward pass per evaluation: give the trainer this callback's `compute_metrics` and
+    `preprocess_logits_for_metrics`, and the metrics come from the scores of the trainer's own evaluation loop (TRL's
+    RewardTrainer puts each batch's chosen rows first, then its rejected rows). `dataset` must then hold the trainer's
+    eval pairs in its order, with their rating / safety / task columns. Without them wired (or with
+    `prediction_loss_only`) the callback scores the pairs itself, with `evaluate_reward_model`, on the main process;
+    under DDP the other ranks go on to their next collective and wait there (the unwrapped model's forward starts no
+    collective). Runs under the same autocast as training (a bf16-trained 4-bit model expects it).
     """
 
     def __init__(
@@ -259,12 +286,38 @@ class RewardModelEvalCallback(TrainerCallback):
         self.kwargs["safety_threshold"] = safety_threshold
         self.history: list[dict[str, Any]] = []
         self.last: tuple[int, dict[str, Any]] | None = None  # (step, full result) of the latest evaluation
+        self._from_trainer: dict[str, Any] | None = None  # metrics of the trainer's evaluation now in progress
+
+    @staticmethod
+    def preprocess_logits_for_metrics(logits: torch.Tensor, labels: Any) -> torch.Tensor:
+        """A batch's (2B, 1) scores, chosen rows then rejected rows, as (B, 2) [chosen, rejected] rows, so that the
+        trainer's concatenation over batches (and gathering over ranks) keeps one row per pair in dataset order."""
+        chosen, rejected = logits.detach().float().reshape(-1).chunk(2)
+        return torch.stack([chosen, rejected], dim=1)
+
+    def compute_metrics(self, prediction: EvalPrediction, compute_result: bool | None = None) -> dict[str, float]:
+        """The trainer's `compute_metrics`: this evaluation's metrics from its scores, kept for `on_evaluate`, which
+        logs them (`eval/rm/...`); returns nothing to add to the trainer's own `eval_*` metrics."""
+        if compute_result is not None:
+            raise ValueError("RewardModelEvalCallback needs the whole eval set at once: set batch_eval_metrics: false")
+        scores = torch.as_tensor(prediction.predictions, dtype=torch.float32)
+        if scores.ndim != 2 or scores.shape != (len(self.dataset), 2):
+            raise ValueError(
+                f"the trainer's evaluation produced scores of shape {tuple(scores.shape)}, not one [chosen, rejected] "
+                f"row for each of the {len(self.dataset)} pairs of the callback's dataset: give the callback the "
+                "trainer's eval dataset and the trainer this callback's preprocess_logits_for_metrics"
+            )
+        self._from_trainer = reward_model_metrics(scores[:, 0], scores[:, 1], self.dataset, **self._metric_kwargs())
+        return {}
 
     def on_evaluate(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, metrics=None, **kwargs
     ) -> None:
+        result, self._from_trainer = self._from_trainer, None
+        if result is not None and metrics:
+            result["runtime_s"] = metrics.get("eval_runtime")  # the shared pass: the trainer's evaluation time
         if state.is_world_process_zero and model is not None:
-            self.evaluate_step(model, args, state)
+            self.evaluate_step(model, args, state, result)
 
     def final(self, model: torch.nn.Module, args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
         """The evaluation at the end of training (reused when the last step was just evaluated), plus a W&B table of
@@ -282,8 +335,16 @@ class RewardModelEvalCallback(TrainerCallback):
             wandb_run.log({f"{PREFIX}/accuracy_by_rating": wandb.Table(columns=columns, data=rows)})
         return result
 
-    def evaluate_step(self, model: torch.nn.Module, args: TrainingArguments, state: TrainerState) -> dict[str, Any]:
-        result = self.evaluate(model, args)
+    def evaluate_step(
+        self,
+        model: torch.nn.Module,
+        args: TrainingArguments,
+        state: TrainerState,
+        result: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Log `result` (the trainer's evaluation) as this step's, or score the pairs here when it is None."""
+        if result is None:
+            result = self.evaluate(model, args)
         flat = flatten_rm_metrics(result)
         step = state.global_step
         self.last = (step, result)
@@ -302,6 +363,9 @@ class RewardModelEvalCallback(TrainerCallback):
         bf16 = torch.autocast(device_type=device_type, dtype=torch.bfloat16) if args.bf16 else None
         with bf16 or contextlib.nullcontext():
             return evaluate_reward_model(model, self.tokenizer, self.dataset, **self.kwargs)
+
+    def _metric_kwargs(self) -> dict[str, Any]:
+        return {key: value for key, value in self.kwargs.items() if key != "batch_size"}
 
 
 def _wandb_run() -> Any:

@@ -2,7 +2,7 @@
 
     margin = rating_to_margin("better", "large")          # 2.0
     dataset = prepare_pairs(dataset, "small", "rating", where="...")   # checked, with a `margin` column
-    tokenized = tokenize_pairs(dataset, tokenizer, max_length)         # chosen_ids / rejected_ids (+ margin)
+    tokenized = tokenize_pairs(dataset, tokenizer, max_length)         # + chosen_ids / rejected_ids
 
 TRL 1.12's RewardTrainer reads an optional `margin` column: loss = -log sigmoid(r_chosen - r_rejected - margin).
 """
@@ -85,10 +85,11 @@ def prepare_pairs(dataset: Dataset, margin_set: str, rating_column: str | None, 
 
 
 def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, where: str) -> Dataset:
-    """`chosen_ids`/`rejected_ids` (+ `margin`) with `recipes.common.reward.reward_tokenize`, the same rendering the
-    RM is scored with later; pairs longer than `max_length` are dropped (and counted), as RewardTrainer would."""
+    """The pairs with `chosen_ids`/`rejected_ids` added by `recipes.common.reward.reward_tokenize`, the same rendering
+    the RM is scored with later; pairs longer than `max_length` are dropped (and counted), as RewardTrainer would.
+    The other columns stay (the trainer passes only ids and `margin` to the model), so that the RM evaluation reads
+    the ratings and safety labels of exactly the pairs the trainer evaluates, in its order."""
     has_prompt = "prompt" in dataset.column_names
-    keep = ["margin"] if "margin" in dataset.column_names else []
 
     def tokenize(row: dict) -> dict:
         prompt = row["prompt"] if has_prompt else None
@@ -97,8 +98,7 @@ def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
             "rejected_ids": reward_tokenize(tokenizer, prompt, row["rejected"]),
         }
 
-    columns = [c for c in dataset.column_names if c not in keep]
-    tokenized = dataset.map(tokenize, remove_columns=columns, desc=f"Tokenizing {where}")
+    tokenized = dataset.map(tokenize, desc=f"Tokenizing {where}")
     if max_length is None:
         return tokenized
     fits = [max(len(c), len(r)) <= max_length for c, r in zip(tokenized["chosen_ids"], tokenized["rejected_ids"])]

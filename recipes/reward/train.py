@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
         model = load_model(model_args, gradient_checkpointing=training_args.gradient_checkpointing, num_labels=1)
     peft_config = reward_peft_config(model_args)
 
+    # The RM evaluation (per rating bucket, calibration) reads its scores from the trainer's evaluation loop: one
+    # forward pass over the eval pairs per evaluation (eval_dataset keeps the pairs' ratings, in the trainer's order).
     rm_eval = None
-    if eval_raw is not None:
+    if eval_dataset is not None:
         rm_eval = RewardModelEvalCallback(
-            eval_raw, tokenizer, rm_args.rating_column, training_args.per_device_eval_batch_size,
+            eval_dataset, tokenizer, rm_args.rating_column, training_args.per_device_eval_batch_size,
             rm_args.calibration_bins, rm_args.safety_threshold,
         )  # fmt: skip
     evaluating = rm_eval is not None and training_args.eval_strategy != "no"
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[rm_eval] if evaluating else [],
+        compute_metrics=rm_eval.compute_metrics if evaluating else None,
+        preprocess_logits_for_metrics=rm_eval.preprocess_logits_for_metrics if evaluating else None,
     )
     upcast = keep_trainable_float32(trainer.model)
     print(
