@@ -26,6 +26,7 @@ from eval.suite import (
     run_tasks,
     score_predictions,
 )
+from recipes.common.errors import run_cli
 
 
 def _bool_or_auto(value: str) -> bool | None:
@@ -312,4 +313,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

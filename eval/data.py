@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from recipes.common.errors import UserError
+
 T = TypeVar("T")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A problem the user must fix (bad task name, missing file, malformed record); the message says what,
     where and how to fix it."""
 

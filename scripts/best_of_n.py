@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from eval.data import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.config import QLoRAModelConfig  # noqa: E402
+from recipes.common.errors import run_cli  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
 from recipes.rejection_sampling.loop import build_scorer, hf_sampler, load_generation_model, load_prompts  # noqa: E402
 from recipes.rejection_sampling.selection import check_scores, expected_best_of_n, kl_best_of_n  # noqa: E402
@@ -182,4 +183,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

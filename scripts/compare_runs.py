@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from recipes.common.errors import run_cli
 from recipes.common.runs import (
     CompareError,
     compare_runs,
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -28,6 +28,7 @@ import yaml  # noqa: E402
 from eval import gsm8k, mmlu  # noqa: E402
 from eval.data import seeded_subset  # noqa: E402
 from eval.loading import load_model_and_tokenizer  # noqa: E402
+from recipes.common.errors import run_cli  # noqa: E402
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -173,4 +174,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `demo` package n
 from demo.datasets import DemoData, DemoSizes, build_datasets, qa_text, write_datasets  # noqa: E402
 from demo.tokenizer import build_tokenizer  # noqa: E402
 
+from recipes.common.errors import UserError, run_cli  # noqa: E402
+
 # Bump when the generated data or model changes, so that a cached demo from an older version is not reused.
 DEMO_VERSION = 2
 TORCH_THREADS = 2
 EVAL_PROBLEMS_PER_LEVEL = 50
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError):
     """Something the user must fix; the message says what, where and how."""
 
 
@@ -221,4 +223,4 @@ if __name__ == "__main__":
     # slower (measured); on an idle one sleeping costs little. Set here, before torch loads OpenMP, and only
     # when run as a script, so that importing this module changes nothing for the importer.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.exit(main())
+    run_cli(main)

@@ -30,6 +30,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from recipes.common.errors import run_cli  # noqa: E402
 from recipes.common.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 
 DEFAULT_STUDY = REPO_ROOT / "scripts" / "studies" / "demo.yaml"
@@ -303,4 +304,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
+
+from recipes.common.errors import UserError
 
 
 @dataclass
@@ -75,7 +78,7 @@ class QLoRAModelConfig(ModelConfig):
     )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem the user must fix; the message says what, where and how."""
 
 
@@ -106,6 +109,8 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
         parser.set_defaults(bf16=False, use_cpu=True)
     try:
         parsed = parser.parse_args_and_config(args=args)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {config_path} is not valid YAML: {err}") from err
     except ValueError as err:
         message = str(err)
         if "Unknown arguments from config file" in message:
@@ -113,12 +118,19 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
                 f"{message.split('. Please')[0]} in {config_path}. Remove or rename them; the valid keys are the "
                 f"fields of {', '.join(t.__name__ for t in dataclass_types)} (see `--help`)."
             ) from err
+        if "not used by the HfArgumentParser" in message:
+            raise ConfigError(
+                f"Unknown command-line argument(s) {message.partition(': ')[2]}. Remove or rename them; the valid keys "
+                f"are the fields of {', '.join(t.__name__ for t in dataclass_types)} (see `--help`)."
+            ) from err
         if "bf16" in message or "fp16" in message:
             raise ConfigError(
                 f"{message}\nThis machine has no CUDA GPU: set `bf16: false` (or pass `--bf16 false`) to train in "
                 f"float32 on CPU, or run on a GPU."
             ) from err
-        raise
+        # The rest are the configs' own checks of the values given (TRL's and transformers' __post_init__).
+        where = f"in {config_path} or on the command line" if config_path else "on the command line"
+        raise ConfigError(f"{message}\nFix that value {where}.") from err
     return tuple(parsed)
 
 

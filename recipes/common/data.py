@@ -8,10 +8,12 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
+from recipes.common.errors import UserError
+
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem the user must fix; the message says what, where and how."""
 
 

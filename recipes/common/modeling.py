@@ -31,7 +31,8 @@ def check_model_path(model_name_or_path: str | None) -> str:
         raise ModelLoadError("No model given: set `model_name_or_path` (a hub id or a local directory).")
     path = Path(model_name_or_path).expanduser()
     # Hub ids are `name` or `org/name`; deeper nesting or a leading ./ / ~ means a local directory.
-    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") >= 2
+    # An existing directory is what transformers loads first, whatever its name looks like.
+    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") >= 2 or path.is_dir()
     if looks_local and not (path / "config.json").is_file():
         hint = " Run `python scripts/prepare_demo.py` first." if "outputs/demo" in model_name_or_path else ""
         raise ModelLoadError(f"Model path {model_name_or_path!r} has no config.json (not a saved HF model).{hint}")

@@ -9,10 +9,12 @@ from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from recipes.common.errors import UserError
+
 FINISHED_MARKER = "run_complete.json"
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError):
     """The output dir holds something we must not overwrite; the message says how to proceed."""
 
 

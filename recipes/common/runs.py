@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipes.common.errors import UserError
+
 FINISHED_MARKER = "run_complete.json"  # written by recipes.common.outputs.mark_finished
 
 # Columns in this order when present; within a pattern, keys sort by name. A key belongs to its first match.
@@ -70,7 +72,7 @@ STEP_KEYS = ("train/global_step", "_step")
 MAX_CURVES = 12
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """Input that cannot be compared; the message says what and how to fix it."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from recipes.common.errors import UserError
+
 _PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb")
 
 
@@ -207,7 +209,7 @@ def check_parent_runs(parent_dirs: str | Sequence[str] | None) -> None:
     """Fail early (before training) when a parent run is not a finished recipe output dir."""
     for parent in [parent_dirs] if isinstance(parent_dirs, str) else list(parent_dirs or []):
         if not (Path(parent) / "run_complete.json").is_file():
-            raise ValueError(
+            raise UserError(
                 f"parent_run {parent!r} is not a finished recipe output dir (no run_complete.json in it). Pass the "
                 "output_dir of the run this one starts from (e.g. the SFT run), or leave parent_run unset."
             )

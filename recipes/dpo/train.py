@@ -10,7 +10,6 @@ up W&B and the evaluation callback, train, evaluate, save the adapter.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -19,6 +18,7 @@ from trl.data_utils import extract_prompt
 
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
+from recipes.common.errors import run_cli
 from recipes.common.evaluation import build_eval_callback, final_evaluation
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
@@ -169,4 +169,4 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback

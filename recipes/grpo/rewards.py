@@ -26,6 +26,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from eval.gsm8k import completion_text, grade
+from recipes.common.errors import UserError
 
 RewardFunction = Callable[..., list[float | None]]
 REWARD_NAMES = ("correctness", "format", "length", "rm")
@@ -33,7 +34,7 @@ REWARD_NAMES = ("correctness", "format", "length", "rm")
 FINAL_ANSWER_LINE = re.compile(r"(?:^|\n)#### -?[0-9][0-9,]*(?:\.[0-9]+)?\s*$")
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(UserError):
     """A reward function is misconfigured or returned something TRL cannot use; the message names it."""
 
 

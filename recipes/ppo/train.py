@@ -11,7 +11,6 @@ resume: recipes/ppo/trainer.py; the reasons: recipes/ppo/README.md.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from accelerate import PartialState
 from recipes.common import policy as common_policy
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
+from recipes.common.errors import run_cli
 from recipes.common.evaluation import build_eval_callback
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
@@ -225,4 +225,4 @@ def check_options(ppo_args: PPOScriptArguments, training_args: PPOConfig, model_
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback

@@ -19,10 +19,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from recipes.common.errors import UserError
+
 SELECTIONS = ("best_of_round", "best_of_all_rounds")
 
 
-class ScorerError(ValueError):
+class ScorerError(UserError):
     """A scorer returned something unusable (wrong count, NaN, not a number); the message says which sample."""
 
 

@@ -10,13 +10,13 @@ file under `output_dir/round_<k>/` (see loop.py), so a killed run relaunched wit
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from trl import SFTConfig
 
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
+from recipes.common.errors import run_cli
 from recipes.common.outputs import mark_finished
 from recipes.common.policy import load_policy_tokenizer
 from recipes.common.tracking import check_parent_runs, init_wandb, run_location
@@ -180,4 +180,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from recipes.common.errors import run_cli
+
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -140,4 +142,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

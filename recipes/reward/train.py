@@ -10,7 +10,6 @@ rating bucket, gap, calibration -> rm_eval.json), save the adapter with its scor
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from transformers import set_seed
@@ -25,6 +24,7 @@ from eval.reward_model import (
 )
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
+from recipes.common.errors import run_cli
 from recipes.common.modeling import ModelLoadError, describe_precision, load_model, load_tokenizer
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.policy import adapter_base
@@ -196,4 +196,4 @@ def rm_info(model_args: QLoRAModelConfig, rm_args: RewardScriptArguments, traini
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback

@@ -8,12 +8,11 @@ evaluation callback, train, evaluate, save the adapter (and optionally a merged 
 
 from __future__ import annotations
 
-import sys
-
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from recipes.common.config import QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
+from recipes.common.errors import run_cli
 from recipes.common.evaluation import build_eval_callback, final_evaluation
 from recipes.common.modeling import describe_precision, load_model, load_tokenizer, merge_adapter_into_base
 from recipes.common.outputs import mark_finished, prepare_output_dir
@@ -103,4 +102,4 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback
