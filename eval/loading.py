@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,13 @@ from transformers import (
 )
 
 from eval.data import EvalError, demo_hint
+
+# On CPUs with AVX512-BF16, importing bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community"
+# (an optional kernel fetched from the hub). That kernel only serves the packed layout `keep_4bit_weights_unpacked`
+# turns off, so the notice says nothing about these runs; set before bitsandbytes is first imported.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
 
 
 def resolve_device(device: str | None = None) -> str:
