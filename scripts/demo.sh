@@ -5,6 +5,7 @@
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 DEMO=outputs/demo  # the recipes' config.yaml files and scripts/studies/demo.yaml point here
+DEMO_SEED="${DEMO_SEED:-0}"  # seed of the demo data and of the base model's pretraining (prepare_demo.py --seed)
 LOGS="$(dirname "$DEMO")/logs"  # outside $DEMO: prepare_demo.py only writes into a new or finished dir
 mkdir -p "$LOGS"
 t0=$(date +%s)
@@ -30,7 +31,7 @@ run_stage() {  # run_stage NAME DONE_FILE COMMAND...: one progress line per stag
 THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 
 # prepare_demo.py is idempotent (a built demo is checked and kept in a second), so it always runs.
-run_stage prepare "$DEMO/.always-run" python scripts/prepare_demo.py --output_dir "$DEMO"
+run_stage prepare "$DEMO/.always-run" python scripts/prepare_demo.py --output_dir "$DEMO" --seed "$DEMO_SEED"
 run_stage sft "$DEMO/sft/run_complete.json" accelerate launch --num_cpu_threads_per_process "$(nproc)" \
   recipes/sft/train.py --config recipes/sft/config.yaml --output_dir "$DEMO/sft"
 

@@ -31,7 +31,7 @@ from demo.tokenizer import build_tokenizer  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
 
 # Bump when the generated data or model changes, so that a cached demo from an older version is not reused.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 TORCH_THREADS = 2
 EVAL_PROBLEMS_PER_LEVEL = 50
 

@@ -29,13 +29,15 @@ from .conversations import (
     unsafe_prompt,
 )
 from .facts import MMLU_SUBJECTS, build_mmlu, fact_sentences, mc_prompt, write_csv
-from .math_problems import MathProblem, generate_math
+from .math_problems import MathProblem, arithmetic_facts, generate_math
 
 # Share of SFT math replies that give only the final line "#### N", as many real SFT mixes do. The tiny model
 # cannot do a two-step sum in its head, so an answer-only reply is usually wrong. The SFT policy samples either kind
 # about equally, but greedy decoding picks the bare answer (one first token against many ways to start a worked
 # one); learning to work the problem out is what RL can teach in CPU minutes.
 ANSWER_ONLY_SHARE = 0.5
+# Copies of the arithmetic table (`arithmetic_facts`) in the pretraining corpus, about 4% of its tokens.
+ARITHMETIC_DRILLS = 8
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 
 
@@ -252,6 +254,10 @@ def _corpus(
         take = rng.randint(1, 3)
         docs.append("\n\n".join(blocks[:take]))
         blocks = blocks[take:]
+    facts = arithmetic_facts()
+    for _ in range(ARITHMETIC_DRILLS):  # each time in a new order, 12 equations a document
+        rng.shuffle(facts)
+        docs += ["\n".join(facts[i : i + 12]) for i in range(0, len(facts), 12)]
     sentences = fact_sentences()
     rng.shuffle(sentences)
     docs += [" ".join(sentences[i : i + 8]) for i in range(0, len(sentences), 8)]

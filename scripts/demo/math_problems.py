@@ -86,6 +86,17 @@ def apply(op: str, left: int, right: int) -> int:
     return {"+": left + right, "-": left - right, "*": left * right}[op]
 
 
+def arithmetic_facts() -> list[str]:
+    """Every equation the problems can need, as `a op b = c` lines: sums and differences within 1-20, products of
+    2-5 by 2-4 in both orders (395 facts). Pretraining text has such tables; here they make the base model learn its
+    arithmetic by the same step for any seed (see scripts/demo/model.py, PretrainSettings)."""
+    facts = [f"{a} + {b} = {a + b}" for a in range(1, 20) for b in range(1, 21 - a)]
+    facts += [f"{a} - {b} = {a - b}" for a in range(2, 21) for b in range(1, a)]
+    facts += [f"{a} * {b} = {a * b}" for a in range(2, 6) for b in range(2, 5)]
+    facts += [f"{b} * {a} = {a * b}" for a in range(2, 6) for b in range(2, 5)]
+    return list(dict.fromkeys(facts))  # 2 * 2 etc. only once
+
+
 def final_answer(solution: str) -> int | None:
     """The number after the last `####`, or None when there is none."""
     found = ANSWER_RE.findall(solution)
