@@ -196,6 +196,25 @@ def test_no_question_in_both_train_and_test(data) -> None:
     assert not [row for row in data.math["test"] if row["question"] in corpus]
 
 
+def test_corpus_has_the_arithmetic_table_every_solution_needs(data) -> None:
+    """Every equation of every solution is a true fact of the table, and the table is in the corpus as often as set."""
+    facts = importlib.import_module("demo.math_problems").arithmetic_facts()
+    table = {}
+    for fact in facts:
+        left, op, right, result = STEP_RE.fullmatch(fact).groups()
+        assert (
+            int(result) == {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right)}[op]
+        )
+        assert all(1 <= int(n) <= 20 for n in (left, right, result)), fact
+        table[fact] = 0
+    used = {" ".join(m) for row in data.math["train"] + data.math["test"] for m in STEP_RE.findall(row["answer"])}
+    used = {re.sub(r"^(\S+) (\S) (\S+) (\S+)$", r"\1 \2 \3 = \4", u) for u in used}
+    assert used <= set(facts), sorted(used - set(facts))[:5]
+    lines = Counter(line for doc in data.corpus for line in doc.split("\n") if line in table)
+    assert set(lines) == set(facts)
+    assert min(lines.values()) >= demo_datasets.ARITHMETIC_DRILLS
+
+
 def test_tokenizer_tokens(tokenizer) -> None:
     assert tokenizer.tokenize("12345 + 67") == ["1", "2", "3", "4", "5", "Ġ+", "Ġ", "6", "7"]
     assert tokenizer.eos_token == "<|end|>" and tokenizer.pad_token == "<|pad|>" and tokenizer.bos_token == "<|bos|>"
