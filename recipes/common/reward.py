@@ -172,12 +172,14 @@ def load_reward_model(
 
 
 def load_reward_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer an RM was trained with (saved in its output dir, else its base's), right padding, with a pad."""
+    """The tokenizer an RM was trained with (saved in its output dir, else its base's), right padding, with a pad other
+    than EOS (the classifier reads the score at the last non-pad token): the one saved, else `set_pad_token`'s."""
+    from recipes.common.modeling import set_pad_token
     from recipes.common.policy import tokenizer_source
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(path), trust_remote_code=False, padding_side="right")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    source = tokenizer_source(path)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, padding_side="right")
+    set_pad_token(tokenizer, name=source)
     return tokenizer
 
 

@@ -10,16 +10,13 @@ treats every pad id as padding (attention mask = ids != pad). So:
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from recipes.common import policy as common_policy
 from recipes.common.config import ConfigError, QLoRAModelConfig
 from recipes.common.data import DataError
-from recipes.common.modeling import ModelLoadError, check_chat_template, load_tokenizer
+from recipes.common.modeling import ModelLoadError
 from recipes.common.reward import RewardModelError, check_same_tokenizer, load_reward_tokenizer
 from recipes.ppo.rewards import PromptTable
 
@@ -28,30 +25,11 @@ PPO_FORMATS = [["prompt"], ["question", "answer"]]
 
 
 def load_policy_tokenizer(model_args: QLoRAModelConfig, pad_token: str | None, chat: bool) -> PreTrainedTokenizerBase:
-    """The SFT run's tokenizer, padding on the left, with `pad_token` when given."""
-    source = common_policy.tokenizer_source(model_args.model_name_or_path)
-    if (Path(source) / "config.json").is_file() or not Path(source).exists():
-        tokenizer = load_tokenizer(
-            dataclasses.replace(model_args, model_name_or_path=source), chat, padding_side="left"
-        )
-    else:  # an adapter dir holding the tokenizer: `load_tokenizer` insists on a config.json; same checks here
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, padding_side="left")
-        if tokenizer.eos_token is None or tokenizer.pad_token is None:
-            raise ModelLoadError(
-                f"The tokenizer in {source!r} needs an EOS and a pad token (the SFT recipe saves both)."
-            )
-        check_chat_template(tokenizer, source, chat, require_generation_markers=False)
-    if pad_token is not None:
-        if tokenizer.convert_tokens_to_ids(pad_token) in (None, tokenizer.unk_token_id):
-            raise ModelLoadError(f"pad_token {pad_token!r} is not in the vocabulary of {source!r}; pick one that is.")
-        tokenizer.pad_token = pad_token
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ModelLoadError(
-            f"The tokenizer of {source!r} pads with its EOS token. PPOTrainer treats every pad id as padding, so EOS "
-            "inside prompts and at the end of responses would vanish. Set `pad_token` to another token of the "
-            "vocabulary (e.g. Llama 3's <|finetune_right_pad_id|>, Qwen's <|endoftext|>)."
-        )
-    return tokenizer
+    """The SFT run's tokenizer, padding on the left with a token other than EOS: `pad_token` when given, else the one
+    the SFT run saved, else one `recipes.common.modeling.set_pad_token` picks."""
+    return common_policy.load_policy_tokenizer(
+        model_args, require_chat_template=chat, padding_side="left", pad_token=pad_token
+    )
 
 
 def check_same_tokenizers(tokenizer: PreTrainedTokenizerBase, model_paths: dict[str, str | None]) -> None:

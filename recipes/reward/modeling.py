@@ -1,4 +1,4 @@
-"""The reward model's pieces around TRL: pad token, LoRA config for a sequence classifier, float32 trainables.
+"""The reward model's pieces around TRL: LoRA config for a sequence classifier, float32 trainables.
 
 Why each exists: recipes/reward/README.md, "QLoRA and the score head".
 """
@@ -7,24 +7,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
-from transformers import PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config
-
-from recipes.common.modeling import ModelLoadError
-
-
-def set_pad_token(tokenizer: PreTrainedTokenizerBase, pad_token: str | None) -> None:
-    """The classifier reads each score at the last non-pad token, so padding must not look like the final EOS."""
-    if pad_token is not None:
-        if pad_token not in tokenizer.get_vocab():
-            raise ModelLoadError(f"pad_token {pad_token!r} is not in the tokenizer's vocabulary.")
-        tokenizer.pad_token = pad_token
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ModelLoadError(
-            "The tokenizer pads with its EOS token, so the reward model would read each score before the final EOS "
-            "in training but at it in PPO. Set `pad_token` in the config to another token of the vocabulary (e.g. "
-            "Llama 3's <|finetune_right_pad_id|>, Qwen's <|endoftext|>)."
-        )
 
 
 def reward_peft_config(model_args: ModelConfig) -> LoraConfig | None:

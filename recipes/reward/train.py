@@ -31,7 +31,7 @@ from recipes.common.policy import adapter_base
 from recipes.common.reward import RM_INFO_FILE
 from recipes.common.tracking import init_wandb, run_location
 from recipes.reward.data import MARGIN_SETS, PAIR_FORMATS, prepare_pairs, tokenize_pairs
-from recipes.reward.modeling import keep_trainable_float32, reward_peft_config, set_pad_token
+from recipes.reward.modeling import keep_trainable_float32, reward_peft_config
 
 RM_EVAL_FILE = "rm_eval.json"
 
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> RewardTrainer:
             rm_args.rating_column, f"{recipe_args.eval_dataset_name or recipe_args.dataset_name} (eval)",
         )  # fmt: skip
 
-    tokenizer = load_tokenizer(model_args, require_chat_template=not isinstance(train_raw[0]["chosen"], str))
-    set_pad_token(tokenizer, training_args.pad_token)
+    # Padding must not look like the final EOS, where the score is read: `pad_token`, the SFT run's, or chosen here.
+    conversational = not isinstance(train_raw[0]["chosen"], str)
+    tokenizer = load_tokenizer(model_args, require_chat_template=conversational, pad_token=training_args.pad_token)
     train_dataset = tokenize_pairs(train_raw, tokenizer, training_args.max_length, "reward train pairs")
     eval_dataset = None
     if eval_raw is not None:

@@ -8,19 +8,31 @@ evaluation callback, train, evaluate, save the adapter (and optionally a merged 
 
 from __future__ import annotations
 
+from datasets import Dataset
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from recipes.common.config import QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
 from recipes.common.errors import run_cli
 from recipes.common.evaluation import build_eval_callback, final_evaluation
-from recipes.common.modeling import describe_precision, load_model, load_tokenizer, merge_adapter_into_base
+from recipes.common.modeling import (
+    describe_precision,
+    load_model,
+    load_tokenizer,
+    merge_adapter_into_base,
+    set_model_pad_token_id,
+    training_chat_template,
+)
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.tracking import init_wandb, run_location
 
 # TRL's SFT formats: conversational `messages`, prompt-completion (completion-only loss), or plain `text`.
 CONFIG_TYPES = (RecipeArguments, SFTConfig, QLoRAModelConfig)
 SFT_FORMATS = [["messages"], ["prompt", "completion"], ["text"]]
+
+
+def only_messages(dataset: Dataset) -> Dataset:
+    return dataset.remove_columns([name for name in ("prompt", "completion") if name in dataset.column_names])
 
 
 def main(argv: list[str] | None = None) -> SFTTrainer:
@@ -42,15 +54,23 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     train_dataset = take(train_dataset, recipe_args.max_train_samples, training_args.seed)
     if eval_dataset is not None:
         eval_dataset = take(eval_dataset, recipe_args.max_eval_samples, training_args.seed)
+    if "messages" in train_dataset.column_names:
+        # UltraChat also carries its first user turn as a string `prompt`, which TRL would take for prompt-completion
+        # data (and for "not conversational"): with `messages`, the conversation is all SFT reads.
+        train_dataset = only_messages(train_dataset)
+        eval_dataset = only_messages(eval_dataset) if eval_dataset is not None else None
     conversational = "text" not in train_dataset.column_names
 
     # Tokenizer and model: QLoRA (4-bit NF4 base + LoRA adapter added by the trainer) unless configured otherwise.
-    tokenizer = load_tokenizer(
-        model_args,
-        require_chat_template=conversational,
-        require_generation_markers=training_args.assistant_only_loss and not training_args.chat_template_path,
-    )
+    # The tokenizer pads with a token other than EOS (chosen here when the model has none; saved with it).
+    tokenizer = load_tokenizer(model_args, require_chat_template=conversational, pad_token=training_args.pad_token)
+    # Assistant-only loss trains through a template with {% generation %} markers that renders the model's own text;
+    # the model's own template is what gets saved, for inference. A user's `chat_template_path` wins (TRL applies it).
+    inference_chat_template = tokenizer.chat_template
+    if training_args.assistant_only_loss and not training_args.chat_template_path:
+        tokenizer.chat_template = training_chat_template(tokenizer, model_args.model_name_or_path)
     model = load_model(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
+    set_model_pad_token_id(model, tokenizer)
 
     callbacks = build_eval_callback(recipe_args, tokenizer, training_args.seed)  # checks eval data before W&B starts
     run = init_wandb(
@@ -87,9 +107,11 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
     metrics.update(final_evaluation(recipe_args, trainer, tokenizer))
 
     # Save: the LoRA adapter (or full model), the tokenizer, and optionally a merged bf16 copy.
+    if not training_args.chat_template_path:
+        tokenizer.chat_template = inference_chat_template
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(training_args.output_dir)
+        trainer.processing_class.save_pretrained(training_args.output_dir)  # TRL's, if `chat_template_path` cloned one
         if model_args.merge_adapter and model_args.use_peft:
             merged_dir = merge_adapter_into_base(model_args, training_args.output_dir)
             print(f"[sft] merged bf16 model saved to {merged_dir}")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from eval.testing import build_char_tokenizer, save_tiny_model
-from recipes.common.config import ConfigError
+from recipes.common.config import ConfigError, QLoRAModelConfig
 from recipes.common.data import DataError
 from recipes.common.modeling import ModelLoadError
+from recipes.ppo.data import load_policy_tokenizer
 from recipes.ppo.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,8 +105,9 @@ def test_tokenizer_that_pads_with_eos(tmp_path: Path) -> None:
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(model_dir)
     data = write_prompts(tmp_path / "data", math_rows())
-    with pytest.raises(ModelLoadError, match="pads with its EOS token.*Set `pad_token`"):
-        run(model_dir, data, tmp_path / "out")
+    # Not an error any more: PPO picks a distinct pad token of the vocabulary (recipes.common.modeling.set_pad_token).
+    chosen = load_policy_tokenizer(QLoRAModelConfig(model_name_or_path=str(model_dir)), None, chat=True)
+    assert chosen.pad_token == "<pad>" and chosen.padding_side == "left"
     with pytest.raises(ModelLoadError, match="not in the vocabulary"):
         run(model_dir, data, tmp_path / "out", "--pad_token", "<no-such-token>")
 
