@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.data import EvalError, read_jsonl, write_json_atomic, write_jsonl_atomic
+from eval.reward_kl import ADAPTER_OFF, resolve_kl_reference
 from eval.suite import (
     DEFAULT_GSM8K,
     DEFAULT_MMLU,
@@ -75,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         help="JSONL with 'prompt' (text or chat messages) for length/diversity/reward (default: the GSM8K questions).",
     )
-    tasks.add_argument("--limit", type=int, default=None, help="Fixed seeded subset of this many items per task.")
-    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument(
+        "--limit", type=int, default=None, help="A fixed subset of this many items per task (chosen by --data_seed)."
+    )
+    tasks.add_argument(
+        "--data_seed", type=int, default=0, help="Seed of the --limit subset: the same items whatever --seed."
+    )
+    tasks.add_argument("--seed", type=int, default=0, help="Sampling seed (the length/diversity/reward samples).")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=int, default=256)
@@ -94,11 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]PATH",
         help="Sequence-classification reward model or adapter dir; repeat for several.",
     )
-    reward.add_argument("--ref_model", help="Reference model for KL (default with --adapter: the adapter disabled).")
+    reward.add_argument(
+        "--ref_model",
+        help="Reference for KL: a model or adapter dir (or hub id), or `base` for the adapter's base model (the "
+        "adapter disabled). Default: the policy's starting point as its run recorded it (start_model or parent_run "
+        "in run_complete.json; an SFT adapter: its base); an adapter without that record needs --ref_model.",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--output", help="Write results JSON here.")
-    out.add_argument("--samples_output", help="Write per-sample records (prompts, completions, scores) as JSONL.")
+    out.add_argument(
+        "--samples_output",
+        help="Write per-sample records as JSONL (task, item = position in the source data, prompt, completion, "
+        "correctness / reward / KL / n_tokens), for paired comparisons item by item.",
+    )
     out.add_argument("--wandb_project", help="Log metrics and a samples table to this W&B project.")
     out.add_argument("--wandb_run_name")
     out.add_argument("--wandb_entity")
@@ -130,7 +145,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise EvalError(f"Adapter directory {args.adapter!r} has no adapter_config.json (not a saved peft adapter).")
     for path in _reward_specs(args.reward_model).values():
         check_model_source(path, what="reward model")
-    if args.ref_model:
+    if args.ref_model and args.ref_model != ADAPTER_OFF:
         check_model_source(args.ref_model, what="reference model")
     for flag in ("output", "samples_output"):
         value = getattr(args, flag)
@@ -194,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from transformers import AutoTokenizer
 
-        from eval.loading import load_model_and_tokenizer
+        from eval.loading import check_model_source, load_model_and_tokenizer
         from eval.reward_kl import load_reward_model
 
         # The tokenizer decides the chat variant, so the data can be checked before the (slow) model load.
@@ -206,6 +221,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except (OSError, ValueError):
             probe_tokenizer = None  # load_model_and_tokenizer reports the problem with its fix
         chat = resolve_chat(args.gsm8k_chat, probe_tokenizer)
+        kl_reference = resolve_kl_reference(args.model, args.adapter, args.ref_model) if "reward" in tasks else None
+        if kl_reference is not None and kl_reference.path:
+            check_model_source(kl_reference.path, what=f"KL reference {kl_reference.description}")
         data = load_eval_data(
             tasks,
             gsm8k_path=args.gsm8k,
@@ -217,14 +235,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             mmlu_split=args.mmlu_split,
             prompts_path=args.prompts,
             num_samples=args.limit,
-            seed=args.seed,
+            seed=args.data_seed,
         )
         model, tokenizer = load_model_and_tokenizer(
             args.model, adapter=args.adapter, load_in_4bit=args.load_in_4bit, device=args.device, dtype=args.dtype
         )
         ref_model = None
-        if args.ref_model:
-            ref_model, _ = load_model_and_tokenizer(args.ref_model, load_in_4bit=args.load_in_4bit, device=args.device)
+        if kl_reference is not None and kl_reference.path:  # loaded as the policy is: same 4-bit and dtype settings
+            ref_model, _ = load_model_and_tokenizer(
+                kl_reference.path, load_in_4bit=args.load_in_4bit, device=args.device, dtype=args.dtype
+            )
         reward_fns = {
             name: load_reward_model(path, load_in_4bit=args.load_in_4bit, device=args.device)
             for name, path in reward_paths.items()
@@ -248,11 +268,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress=progress,
         )
         full["config"] = {"gsm8k_chat": chat, "mmlu_split": data.mmlu_split}
+        if "kl" in full["results"].get("reward", {}):
+            full["results"]["reward"]["kl_reference"] = kl_reference.description
+            full["config"]["kl_reference"] = kl_reference.description
     config = {
         key: getattr(args, key)
         for key in (
             "model", "adapter", "load_in_4bit", "predictions", "tasks", "gsm8k", "gsm8k_split", "num_fewshot", "mmlu",
-            "mmlu_num_fewshot", "prompts", "limit", "seed", "max_new_tokens", "samples_per_prompt", "temperature",
+            "mmlu_num_fewshot", "prompts", "limit", "data_seed", "seed", "max_new_tokens", "samples_per_prompt",
+            "temperature",
             "ref_model",
         )
     }  # fmt: skip

@@ -6,8 +6,13 @@ rendered chat template) and a completion the response text; `load_reward_model` 
 `AutoModelForSequenceClassification` (or a base + LoRA adapter with a score head) into one.
 
 KL is the sampled-token estimate on responses drawn from the policy at temperature 1:
-KL(pi || pi_ref) ~ mean over samples of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]. A LoRA policy's
-reference is the same model with the adapter disabled, so no second copy is loaded.
+KL(pi || pi_ref) ~ mean over samples of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)].
+
+The reference is the policy's starting point (`resolve_kl_reference`): what its run recorded in run_complete.json
+(`start_model`, else `parent_run`; e.g. the SFT adapter a PPO adapter was trained from), `--ref_model PATH`, or
+`--ref_model base`, the adapter's base model (the same model with the adapter disabled, no second copy). A policy
+adapter continues training the SFT adapter, so "adapter disabled" is the base model, not the SFT policy; it is the
+default only for an SFT adapter itself (whose starting point is that base).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,8 @@ from eval.data import EvalError
 from eval.generation import model_device, score_token_ids
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
+LINEAGE_FILE = "run_complete.json"  # recipes/common/outputs.py's marker: stage, start_model / parent_run
+ADAPTER_OFF = "base"  # `--ref_model base`: the policy's base model, i.e. the policy with its adapter disabled
 
 
 class RewardModel:
@@ -158,6 +166,58 @@ def reference_of(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
             "KL needs a reference model: the policy has no LoRA adapter to disable, so pass `ref_model` "
             "(`--ref_model PATH` on the command line)."
         )
+
+
+@dataclass
+class KLReference:
+    """What KL is measured against: a model to load (`path`), or the policy with its adapter disabled."""
+
+    path: str | None
+    adapter_disabled: bool
+    description: str  # said in the printed table and the output JSON
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve() if Path(a).exists() else a == b
+
+
+def resolve_kl_reference(model: str, adapter: str | None, ref_model: str | None) -> KLReference | None:
+    """The reference for KL of the policy `model` (+ `adapter`), from files only (before anything loads).
+
+    `ref_model` wins: a path/hub id, or "base" (the adapter disabled). Otherwise the policy's run says where it
+    started: `start_model` or `parent_run` in its run_complete.json (an SFT adapter: its base). None when nothing
+    can be referenced (a full model without lineage: only reward models are scored); an EvalError for an adapter
+    without lineage, since its base model is rarely the reference meant.
+    """
+    policy_dir = Path(adapter or model).expanduser()
+    adapter_config = policy_dir / "adapter_config.json"
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path") if adapter_config.is_file() else None
+    if ref_model == ADAPTER_OFF:
+        if not adapter_config.is_file():
+            raise EvalError(
+                f"--ref_model {ADAPTER_OFF} means the policy with its LoRA adapter disabled, but {str(policy_dir)!r} "
+                "is not an adapter: pass the reference model's path instead."
+            )
+        return KLReference(None, True, f"{base} (the adapter's base model: adapter disabled, --ref_model base)")
+    if ref_model:
+        return KLReference(ref_model, False, f"{ref_model} (--ref_model)")
+    lineage_file = policy_dir / LINEAGE_FILE
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+    start = lineage.get("start_model") or lineage.get("parent_run")
+    if start and base and _same_path(start, base):
+        return KLReference(None, True, f"{base} (its start in {lineage_file}: the adapter's base, adapter disabled)")
+    if start:
+        key = "start_model" if lineage.get("start_model") else "parent_run"
+        return KLReference(str(start), False, f"{start} (the policy's starting point: {key} in {lineage_file})")
+    if base and lineage.get("stage") == "sft":
+        return KLReference(None, True, f"{base} (an SFT adapter starts from its base: adapter disabled)")
+    if base:
+        raise EvalError(
+            f"KL needs the policy's starting point, and {str(policy_dir)!r} does not record one (no start_model or "
+            f"parent_run in {LINEAGE_FILE}). Pass --ref_model DIR (e.g. the SFT output the policy was trained from), "
+            f"or --ref_model {ADAPTER_OFF} to measure against the adapter's base model (adapter disabled)."
+        )
+    return None
 
 
 def has_adapter(model: PreTrainedModel) -> bool:

@@ -3,6 +3,10 @@ name the metrics `eval/<task>/<metric>`.
 
 Tasks: gsm8k, mmlu (on their own data) and length, diversity, reward (on one shared set of sampled responses: the
 `prompts` file, or the GSM8K questions when none is given; `samples_per_prompt` samples each at `temperature`).
+
+Every per-sample record names its `item`: the position of the question (prompt) in its source data, the same for
+every model evaluated with the same data seed, so that results can be paired item by item (`scripts/study_ppo_vs_dpo.py`
+does). The data seed picks the subset of items; the sampling seed only the samples.
 """
 
 from __future__ import annotations
@@ -61,6 +65,16 @@ class EvalData:
     mmlu: list[mmlu.Question] = field(default_factory=list)
     mmlu_split: str | None = None
     prompts: list[Prompt] = field(default_factory=list)
+    # Positions of the items above in their source data (empty: positions in these lists).
+    gsm8k_items: list[int] = field(default_factory=list)
+    mmlu_items: list[int] = field(default_factory=list)
+    prompt_items: list[int] = field(default_factory=list)
+
+
+def subset_with_positions(items: Sequence[Any], size: int | None, seed: int) -> tuple[list[Any], list[int]]:
+    """`seeded_subset` of `items`, and the positions in `items` of those picked."""
+    positions = seeded_subset(range(len(items)), size, seed)
+    return [items[i] for i in positions], positions
 
 
 def prompt_from_record(record: dict[str, Any], where: str) -> Prompt:
@@ -89,13 +103,13 @@ def load_eval_data(
     num_samples: int | None = None,
     seed: int = 0,
 ) -> EvalData:
-    """Load and check every task's data (before any model work), each cut to a fixed seeded subset of
-    `num_samples` items."""
+    """Load and check every task's data (before any model work), each cut to a fixed subset of `num_samples` items
+    chosen by `seed` (the data seed: the same items for every model and sampling seed)."""
     data = EvalData()
     sampled = any(t in tasks for t in SAMPLED_TASKS)
     if "gsm8k" in tasks or (sampled and prompts_path is None):
         source = gsm8k_path or DEFAULT_GSM8K
-        data.gsm8k = seeded_subset(gsm8k.load_gsm8k(source, gsm8k_split), num_samples, seed)
+        data.gsm8k, data.gsm8k_items = subset_with_positions(gsm8k.load_gsm8k(source, gsm8k_split), num_samples, seed)
         if "gsm8k" in tasks and not chat and num_fewshot > 0:
             fewshot_source = gsm8k_fewshot_path or gsm8k.default_fewshot_source(source)
             if fewshot_source is None:
@@ -107,14 +121,15 @@ def load_eval_data(
     if "mmlu" in tasks:
         dev, questions, data.mmlu_split = mmlu.load_mmlu(mmlu_dir or DEFAULT_MMLU, mmlu_split)
         data.mmlu_dev = dev
-        data.mmlu = seeded_subset(mmlu.flatten(questions), num_samples, seed)
+        data.mmlu, data.mmlu_items = subset_with_positions(mmlu.flatten(questions), num_samples, seed)
     if sampled:
         if prompts_path is not None:
             records = read_jsonl(prompts_path)
             prompts = [prompt_from_record(r, f"{prompts_path}:{i + 1}") for i, r in enumerate(records)]
-        else:
-            prompts = [Prompt(r["question"], from_gsm8k=True) for r in data.gsm8k]
-        data.prompts = seeded_subset(prompts, num_samples, seed)
+            data.prompts, data.prompt_items = subset_with_positions(prompts, num_samples, seed)
+        else:  # the GSM8K subset itself, under the GSM8K items' positions
+            data.prompts = [Prompt(r["question"], from_gsm8k=True) for r in data.gsm8k]
+            data.prompt_items = list(data.gsm8k_items)
     return data
 
 
@@ -229,6 +244,10 @@ def run_tasks(
                 batch_size=batch_size,
                 progress=progress,
             )
+            completions = [record["completion"] for record in samples["gsm8k"]]
+            n_tokens = length.count_tokens(tokenizer, completions) if completions else []
+            for record, item, count in zip(samples["gsm8k"], data.gsm8k_items or range(len(data.gsm8k)), n_tokens):
+                record.update(item=item, n_tokens=count)
         if "mmlu" in tasks:
             results["mmlu"], samples["mmlu"] = mmlu.evaluate_mmlu(
                 model,
@@ -239,6 +258,8 @@ def run_tasks(
                 batch_size=batch_size,
                 progress=progress,
             )
+            for record, item in zip(samples["mmlu"], data.mmlu_items or range(len(data.mmlu))):
+                record["item"] = item
         sampled_tasks = [t for t in tasks if t in SAMPLED_TASKS]
         if sampled_tasks:
             rendered = [render_prompt(tokenizer, p, chat) for p in data.prompts]
@@ -259,9 +280,14 @@ def run_tasks(
             )
             flat = [(i, c) for i, group in enumerate(outputs) for c in group]
             texts = [c.text for _, c in flat]
+            positions = data.prompt_items or list(range(len(data.prompts)))
             sample_records = [
-                {"prompt": data.prompts[i].text, "completion": c.text, "hit_limit": c.hit_limit} for i, c in flat
-            ]
+                {"item": positions[i], "sample": k, "prompt": data.prompts[i].text, "completion": c.text,
+                 "hit_limit": c.hit_limit}
+                for i, group in enumerate(outputs) for k, c in enumerate(group)
+            ]  # fmt: skip
+            for record, n_tokens in zip(sample_records, length.count_tokens(tokenizer, texts)):
+                record["n_tokens"] = n_tokens  # as `length` counts them
             if "length" in tasks:
                 results["length"] = length.length_metrics(texts, tokenizer, hit_limit=[c.hit_limit for _, c in flat])
             if "diversity" in tasks:
@@ -377,6 +403,7 @@ def evaluate_model(
     num_samples: int | None = None,
     max_new_tokens: int = 256,
     seed: int = 0,
+    data_seed: int | None = None,
     gsm8k_chat: bool | None = None,
     num_fewshot: int = 5,
     samples_per_prompt: int = 4,
@@ -391,7 +418,8 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Evaluate a model (e.g. at the end of training) and return scalar metrics named `eval/<task>/<metric>`.
 
-    `num_samples` cuts each task to a fixed seeded subset (None: all). `gsm8k_chat=None` picks the chat variant
+    `num_samples` cuts each task to a fixed subset (None: all) chosen by `data_seed` (default: `seed`, which also
+    seeds the sampling). `gsm8k_chat=None` picks the chat variant
     when the tokenizer has a chat template. Pass `output={}` to receive the full results and samples in it.
     """
     tasks = parse_tasks(tasks)
@@ -403,7 +431,7 @@ def evaluate_model(
             mmlu_dir=mmlu_dir,
             prompts_path=prompts_path,
             num_samples=num_samples,
-            seed=seed,
+            seed=seed if data_seed is None else data_seed,
             chat=chat,
             num_fewshot=num_fewshot,
         )

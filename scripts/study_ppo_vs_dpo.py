@@ -7,10 +7,13 @@ trained with matched budgets over several seeds, every final model evaluated the
 
 Each run is a normal recipe launch (`accelerate launch recipes/<method>/train.py --config ...`) with the study's
 overrides, W&B group `<study name>` and tags `study:<name>`, `method:<m>`, `seed:<s>`; each final model is then
-evaluated by `python -m eval` on the same data with the same settings (GSM8K, MMLU, length, diversity, reward, KL to
-the SFT policy). Finished runs are reused, so an interrupted study resumes where it stopped.
-Writes `<output_dir>/report.md` (mean and spread per method, deltas to SFT, which published effects it reproduces),
-`results.json`, and the curves via `scripts/compare_runs.py` logic.
+evaluated by `python -m eval` with the same settings on the same items (GSM8K, MMLU, length, diversity, reward, KL to
+the SFT policy): the subset is chosen by `eval.data_seed` (default 0), never by the training seed, which only seeds
+the sampled responses. The SFT model is evaluated once, on those items, and reused. Each evaluation also writes its
+per-item results (`<run>.eval.samples.jsonl`: item, correct or not, reward, length), so every difference to SFT is
+paired item by item. Finished runs are reused, so an interrupted study resumes where it stopped.
+Writes `<output_dir>/report.md` (mean and seed spread per method, deltas to SFT with 95% paired-bootstrap intervals,
+which published effects it reproduces by that interval), `results.json`, and the curves via `scripts/compare_runs.py`.
 """
 
 from __future__ import annotations
@@ -26,10 +29,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from eval.compare import (  # noqa: E402
+    Difference,
+    aligned,
+    equivalence_verdict,
+    mean_interval,
+    paired_bootstrap,
+    per_item_values,
+    verdict,
+)
+from eval.data import read_jsonl  # noqa: E402
 from recipes.common.errors import run_cli  # noqa: E402
 from recipes.common.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 
@@ -47,6 +61,10 @@ HEADLINES = [
     ("KL to SFT", "eval/reward/kl"),
 ]
 REFERENCE_ONLY = ("eval/reward/kl",)  # measured against the SFT policy: not a property of the SFT model itself
+BASELINE_SAMPLING_SEED = 0  # the SFT model is evaluated once; its sampled responses use this seed
+MMLU_CHANCE = 0.25  # four choices
+MMLU_MARGIN = 0.05  # "roughly unchanged": the whole interval of the change within ±0.05
+PerItem = dict[str, dict[int, float]]  # metric key -> {item: value}, one evaluation's (eval.compare.per_item_values)
 
 
 CHILD_ENV: dict[str, str] = {}  # what every training and evaluation subprocess sees (set in main)
@@ -93,16 +111,21 @@ def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
     return seconds
 
 
-def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> dict[str, float]:
-    """The same standalone evaluation for every model (and the SFT baseline); an earlier result is reused only when
-    it was made with the same settings."""
+def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> tuple[dict[str, float], PerItem]:
+    """The same standalone evaluation for every model (and the SFT baseline), on the items `eval.data_seed` picks;
+    `seed` seeds the sampled responses only. Returns the metrics and the per-item results. An earlier result is
+    reused only when it was made with the same settings and has its per-item file."""
     settings = study["eval"]
-    if output_file.is_file() and stale_settings(json.loads(output_file.read_text()), settings, seed):
-        log(f"{output_file} was made with other evaluation settings: evaluating again")
+    samples_file = output_file.with_suffix(".samples.jsonl")
+    if output_file.is_file() and (
+        stale_settings(json.loads(output_file.read_text()), settings, seed) or not samples_file.is_file()
+    ):
+        log(f"{output_file} was made with other evaluation settings (or lacks its per-item results): evaluating again")
         output_file.unlink()
     if not output_file.is_file():
-        cmd = [sys.executable, "-m", "eval", "--model", model_dir, "--tasks", settings["tasks"], "--seed", str(seed),
-               "--output", str(output_file), "--no_progress"]  # fmt: skip
+        cmd = [sys.executable, "-m", "eval", "--model", model_dir, "--tasks", settings["tasks"],
+               "--data_seed", str(settings.get("data_seed", 0)), "--seed", str(seed), "--output", str(output_file),
+               "--samples_output", str(samples_file), "--no_progress"]  # fmt: skip
         if study.get("load_in_4bit", True):
             cmd.append("--load_in_4bit")
         for flag in ("gsm8k", "gsm8k_chat", "mmlu", "limit", "max_new_tokens", "samples_per_prompt", "batch_size",
@@ -117,13 +140,13 @@ def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> dict[
         log(f"evaluating {model_dir}")
         run(cmd, output_file.with_suffix(".log"))
     payload = json.loads(output_file.read_text())
-    return flatten(payload)
+    return flatten(payload), per_item_values(read_jsonl(samples_file))
 
 
 def stale_settings(payload: dict[str, Any], settings: dict[str, Any], seed: int) -> bool:
     recorded = payload.get("config", {})
     wanted = {key: value for key, value in settings.items() if key not in ("reward_models", "batch_size")}
-    wanted["seed"] = seed
+    wanted.update(seed=seed, data_seed=settings.get("data_seed", 0))
     return any(str(recorded.get(key)).lower() != str(value).lower() for key, value in wanted.items())
 
 
@@ -138,59 +161,151 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def effects(table: dict[str, dict[str, list[float]]], baseline: dict[str, float]) -> list[str]:
-    """State plainly which published effects the figures reproduce."""
+def training_signal(study: dict, method: str) -> str:
+    """What a method learned from: the study's `signal:` for it, else read from its config and overrides."""
+    spec = study["methods"][method]
+    if spec.get("signal"):
+        return str(spec["signal"])
+    config_file = REPO_ROOT / spec["config"]
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    config = {**(config or {}), **study.get("common_overrides", {}), **spec.get("overrides", {})}
+    reward_models = " + ".join(
+        str(config[key]) for key in ("reward_model_path", "safety_reward_model_path") if config.get(key)
+    )
+    if method == "dpo":
+        return f"preference pairs {config.get('dataset_name')}"
+    if method == "ppo":
+        return "the GSM8K grader" if config.get("reward_source", "math") == "math" else f"reward model {reward_models}"
+    if method == "grpo":
+        functions = config.get("reward_functions", ["correctness", "format"])
+        parts = ["the GSM8K grader" for name in functions if name in ("correctness", "format")][:1]
+        parts += [f"reward model {reward_models}" if name == "rm" else name for name in functions
+                  if name not in ("correctness", "format")]  # fmt: skip
+        return " + ".join(parts)
+    if method == "rejection_sampling":
+        return "the GSM8K grader" if config.get("scorer", "gsm8k") == "gsm8k" else f"reward model {reward_models}"
+    return "unspecified (set `signal:` for this method in the study YAML)"
+
+
+def differences_to_baseline(
+    items: dict[str, list[PerItem]], baseline_items: PerItem
+) -> dict[str, dict[str, Difference]]:
+    """method -> metric -> method minus SFT, paired over items (and drawn over the method's seeds)."""
+    result: dict[str, dict[str, Difference]] = {}
+    for method, runs in items.items():
+        for key in baseline_items:
+            pair = aligned(runs, [baseline_items], key)
+            if pair is not None:
+                result.setdefault(method, {})[key] = paired_bootstrap(*pair)
+    return result
+
+
+def figure(mean: float, spread: float | None) -> str:
+    return f"{mean:.3g}" if spread is None else f"{mean:.3g} ± {spread:.2g}"
+
+
+def seeds_note(difference: Difference) -> str:
+    """ "n=1 seed" (never a spread of 0.000 from a single run), else how many seeds the ± is over."""
+    seeds = max(difference.seeds_a, difference.seeds_b)
+    if seeds == 1:
+        return "n=1 seed"
+    return f"± = s.d. over {difference.seeds_a} seeds" if difference.seeds_b == 1 else f"± = s.d. over {seeds} seeds"
+
+
+def interval(difference: Difference) -> str:
+    return f"95% CI [{difference.low:+.3g}, {difference.high:+.3g}]"
+
+
+def effects(items: dict[str, list[PerItem]], baseline_items: PerItem, signals: dict[str, str]) -> list[str]:
+    """Which published effects the per-item results reproduce: "reproduced" only when the 95% interval of the
+    difference excludes 0 in the published direction, "not reproduced" when it excludes 0 the other way,
+    "inconclusive" otherwise."""
     lines = []
-
-    def mean(method: str, key: str) -> tuple[float, float] | None:
-        values = table.get(method, {}).get(key)
-        return summarize(values) if values else None
-
     gsm = "eval/gsm8k/exact_match_flexible"
-    ppo, dpo = mean("ppo", gsm), mean("dpo", gsm)
-    if ppo and dpo:
-        gap = ppo[0] - dpo[0]
-        verdict = "reproduced" if gap >= 0 else "not reproduced"
-        n = baseline.get("eval/gsm8k/n", 0)
-        # Two-sided 95% band of a difference of two accuracies on n problems each (binomial sampling noise).
-        band = 1.96 * ((ppo[0] * (1 - ppo[0]) + dpo[0] * (1 - dpo[0])) / n) ** 0.5 if n else 0.0
-        noise = ""
-        if abs(gap) <= max(ppo[1], dpo[1]) or abs(gap) <= band:
-            verdict = "inconclusive"
-            noise = f" (within noise: seed spread {max(ppo[1], dpo[1]):.3f}, sampling ±{band:.3f} on {n:.0f} problems)"
+    pair = aligned(items["ppo"], items["dpo"], gsm) if "ppo" in items and "dpo" in items else None
+    if pair is not None:
+        gap = paired_bootstrap(*pair)
+        outcome = verdict(gap, +1)
+        caveat = ""
+        if signals.get("ppo") != signals.get("dpo"):
+            outcome += ", with different training signals"
+            caveat = (
+                f" PPO learned from {signals.get('ppo')}, DPO from {signals.get('dpo')}; Ivison et al. 2024 trained "
+                "both on the same preference data, so this gap compares training signals as much as algorithms."
+            )
         lines.append(
-            f"- PPO >= DPO on math (Ivison et al. 2024: PPO 58.0 vs DPO 50.5 GSM8K, Tulu 2.5 13B): **{verdict}** — "
-            f"PPO {ppo[0]:.3f} ± {ppo[1]:.3f} vs DPO {dpo[0]:.3f} ± {dpo[1]:.3f}, gap {gap:+.3f}{noise}."
+            f"- PPO >= DPO on math (Ivison et al. 2024: PPO 58.0 vs DPO 50.5 GSM8K, Tulu 2.5 13B): **{outcome}** — "
+            f"PPO {figure(gap.mean_a, gap.spread_a)} vs DPO {figure(gap.mean_b, gap.spread_b)} ({seeds_note(gap)}), "
+            f"gap {gap.mean:+.3f}, {interval(gap)} (paired bootstrap over {gap.items} problems"
+            f"{' and seeds' if max(gap.seeds_a, gap.seeds_b) > 1 else ''}).{caveat}"
         )
     for key, name, paper, sign in (
         ("eval/length/mean_tokens", "Longer responses after RLHF", "Singhal et al. 2023: ~100 -> 230 tokens", 1),
         ("eval/diversity/per_input_distinct_mean", "Lower diversity after RLHF", "Kirk et al. 2024", -1),
     ):
-        if key not in baseline:
-            lines.append(f"- {name} ({paper}): not measured (no `{key}`).")
+        if key not in baseline_items:
+            lines.append(f"- {name} ({paper}): not measured (no per-item `{key}`).")
             continue
-        parts, agree = [], 0
-        for method in table:
-            stats = mean(method, key)
-            if stats:
-                delta = stats[0] - baseline[key]
-                agree += int(delta * sign > 0)
-                parts.append(f"{method} {stats[0]:.3g} ({delta:+.3g})")
-        verdict = f"reproduced by {agree} of {len(parts)} methods"
-        lines.append(f"- {name} ({paper}): **{verdict}** — SFT {baseline[key]:.3g}; " + ", ".join(parts) + ".")
-    mmlu = "eval/mmlu/accuracy"
-    if mmlu in baseline:
-        parts = [f"{m} {s[0]:.3f} ({s[0] - baseline[mmlu]:+.3f})" for m in table if (s := mean(m, mmlu))]
-        worst = max((abs(mean(m, mmlu)[0] - baseline[mmlu]) for m in table if mean(m, mmlu)), default=0.0)
-        verdict = "reproduced" if worst <= 0.05 else f"not reproduced (largest change {worst:.3f})"
+        parts, outcomes, notes = [], [], set()
+        for method, runs in items.items():
+            pair = aligned(runs, [baseline_items], key)
+            if pair is None:
+                continue
+            change = paired_bootstrap(*pair)
+            outcomes.append((method, verdict(change, sign)))
+            notes.add(seeds_note(change))
+            parts.append(
+                f"{method} {figure(change.mean_a, change.spread_a)} ({change.mean:+.3g}, {interval(change)}: "
+                f"{outcomes[-1][1]})"
+            )
+        summary = f"reproduced by {sum(o == 'reproduced' for _, o in outcomes)} of {len(outcomes)} methods"
+        for other in ("not reproduced", "inconclusive"):
+            named = [m for m, o in outcomes if o == other]
+            if named:
+                summary += f"; {other}: {', '.join(named)}"
+        sft_mean = float(np.mean(list(baseline_items[key].values())))
         lines.append(
-            f"- MMLU roughly unchanged by RLHF (GPT-4 report, Llama 2): **{verdict}** (threshold ±0.05) — "
-            f"SFT {baseline[mmlu]:.3f}; " + ", ".join(parts) + "."
+            f"- {name} ({paper}): **{summary}** — SFT {sft_mean:.3g}; "
+            + ", ".join(parts)
+            + f" ({'; '.join(sorted(notes))})."
         )
+    mmlu = "eval/mmlu/accuracy"
+    if mmlu in baseline_items:
+        sft = mean_interval(np.array([[baseline_items[mmlu][i] for i in sorted(baseline_items[mmlu])]]))
+        changes = {
+            m: paired_bootstrap(*pair) for m, runs in items.items() if (pair := aligned(runs, [baseline_items], mmlu))
+        }
+        parts = ", ".join(
+            f"{m} {figure(c.mean_a, c.spread_a)} ({c.mean:+.3f}, {interval(c)})" for m, c in changes.items()
+        )
+        paper = "MMLU roughly unchanged by RLHF (GPT-4 report, Llama 2)"
+        if sft.low <= MMLU_CHANCE <= sft.high:
+            lines.append(
+                f"- {paper}: **not testable (SFT at chance: {sft.mean:.3f} vs {MMLU_CHANCE})** — the SFT model's 95% "
+                f"interval [{sft.low:.3f}, {sft.high:.3f}] over {sft.items} questions includes chance, so an unchanged "
+                f"score says nothing about retained knowledge; " + parts + "."
+            )
+        else:
+            outcomes = {m: equivalence_verdict(c, MMLU_MARGIN) for m, c in changes.items()}
+            summary = f"unchanged (95% CI within ±{MMLU_MARGIN}) for {sum(o == 'reproduced' for o in outcomes.values())} of {len(outcomes)} methods"
+            for other in ("not reproduced", "inconclusive"):
+                named = [m for m, o in outcomes.items() if o == other]
+                if named:
+                    summary += f"; {other}: {', '.join(named)}"
+            lines.append(f"- {paper}: **{summary}** — SFT {sft.mean:.3f} ({interval(sft).replace('+', '')}); {parts}.")
     return lines
 
 
-def write_report(study: dict, out: Path, table: dict, baseline: dict, seconds: dict, seeds: list[int]) -> Path:
+def write_report(
+    study: dict,
+    out: Path,
+    table: dict,
+    baseline: dict,
+    seconds: dict,
+    seeds: list[int],
+    differences: dict[str, dict[str, Difference]],
+    effect_lines: list[str],
+) -> Path:
     rows = ["| metric | SFT | " + " | ".join(table) + " |", "|---|---|" + "---|" * len(table)]
     for label, key in HEADLINES:
         if key not in baseline and not any(key in v for v in table.values()):
@@ -202,32 +317,44 @@ def write_report(study: dict, out: Path, table: dict, baseline: dict, seconds: d
                 cells.append("—")
                 continue
             mean, spread = summarize(values)
-            figure = f"{mean:.4g} ± {spread:.2g}" if len(values) > 1 else f"{mean:.4g}"
-            delta = f" ({mean - baseline[key]:+.3g})" if key in baseline and key not in REFERENCE_ONLY else ""
-            cells.append(figure + delta)
+            figure_text = f"{mean:.4g} ± {spread:.2g}" if len(values) > 1 else f"{mean:.4g}"
+            change = differences.get(method, {}).get(key)
+            if change is not None:
+                figure_text += f" ({change.mean:+.3g} [{change.low:+.3g}, {change.high:+.3g}])"
+            elif key in baseline and key not in REFERENCE_ONLY:
+                figure_text += f" ({mean - baseline[key]:+.3g})"
+            cells.append(figure_text)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     rows.append(
         "| train time (s, mean) | — | " + " | ".join(f"{statistics.mean(seconds[m]):.0f}" for m in table) + " |"
     )
+    settings = study["eval"]
     text = [
         f"# Study: {study['name']}",
         "",
-        f"One SFT model (`{study['sft']}`), methods {', '.join(table)}, seeds {seeds}; every final model evaluated "
-        f"with the same settings ({study['eval']['tasks']}). Mean ± standard deviation over seeds (when more than one), (delta to SFT).",
+        f"One SFT model (`{study['sft']}`), methods {', '.join(table)}, seeds {seeds}; every final model and the SFT "
+        f"model evaluated with the same settings ({settings['tasks']}) on the same items (data seed "
+        f"{settings.get('data_seed', 0)}, {settings.get('limit') or 'all'} per task; the SFT model once, sampling "
+        f"seed {BASELINE_SAMPLING_SEED}). Mean ± standard deviation over seeds (when more than one), (change to SFT "
+        "[95% interval: paired bootstrap over items and seeds]).",
         "Budgets per method: "
         + "; ".join(
             f"{m}: {study['methods'][m].get('budget', study['methods'][m].get('overrides', {}))}" for m in table
         )
         + ".",
+        "Training signals: " + "; ".join(f"{m}: {training_signal(study, m)}" for m in table) + ".",
         "",
         *rows,
         "",
         "## Published effects",
         "",
-        *effects(table, baseline),
+        *effect_lines,
         "",
-        "A verdict counts the sign of each change, however small: read it with the figures (one seed and a few hundred "
-        "prompts move accuracy by several points and length by a token or two).",
+        "Verdicts: **reproduced** when the 95% interval of the difference excludes 0 in the published direction, **not "
+        'reproduced** when it excludes 0 the other way, **inconclusive** otherwise (for MMLU, "unchanged" needs the '
+        f"whole interval within ±{MMLU_MARGIN}). The interval is a paired bootstrap: items drawn with replacement (the "
+        "same items for both sides) and seeds drawn with replacement, so it holds question sampling and run-to-run "
+        'variation; with one seed it holds question sampling only ("n=1 seed").',
         "",
         "Curves and per-run tables: [comparison/report.md](comparison/report.md).",
     ]
@@ -271,29 +398,42 @@ def main(argv: list[str] | None = None) -> Path:
         # A tiny model gains little from a second thread; two runs side by side use the cores better.
         CHILD_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
-    def train_and_evaluate(method: str, seed: int) -> tuple[float, dict[str, float]]:
+    def train_and_evaluate(method: str, seed: int) -> tuple[float, dict[str, float], PerItem]:
         run_dir = out / f"{method}-seed{seed}"
         seconds = train(study, method, seed, run_dir)
-        return seconds, evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
+        return seconds, *evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
 
     runs = [(method, seed) for method in methods for seed in seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a subprocess; threads only wait
         # Longest first (the study lists them so), the short SFT evaluation last: the two lanes end together.
         jobs = [pool.submit(train_and_evaluate, method, seed) for method, seed in runs]
-        baseline_job = pool.submit(evaluate, study, study["sft"], out / "sft.eval.json", seeds[0])
-        baseline = baseline_job.result()
+        # The SFT baseline: once, on the same items as every run (the data seed), whatever the training seeds.
+        baseline_job = pool.submit(evaluate, study, study["sft"], out / "sft.eval.json", BASELINE_SAMPLING_SEED)
+        baseline, baseline_items = baseline_job.result()
         results = [job.result() for job in jobs]
     table: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
-    for (method, _), (train_seconds, metrics) in zip(runs, results):
+    items: dict[str, list[PerItem]] = {}
+    for (method, _), (train_seconds, metrics, per_item) in zip(runs, results):
         seconds.setdefault(method, []).append(train_seconds)
+        items.setdefault(method, []).append(per_item)
         for key, value in metrics.items():
             table.setdefault(method, {}).setdefault(key, []).append(value)
+    differences = differences_to_baseline(items, baseline_items)
+    signals = {method: training_signal(study, method) for method in methods}
+    effect_lines = effects(items, baseline_items, signals)
     run_dirs = [Path(study["sft"])] + [out / f"{method}-seed{seed}" for method, seed in runs]
-    (out / "results.json").write_text(
-        json.dumps({"baseline": baseline, "methods": table, "seconds": seconds}, indent=2)
-    )
-    report = write_report(study, out, table, baseline, seconds, seeds)
+    summary = {
+        "baseline": baseline,
+        "methods": table,
+        "seconds": seconds,
+        "differences_to_sft": {m: {k: d.to_dict() for k, d in by_key.items()} for m, by_key in differences.items()},
+        "signals": signals,
+        "effects": effect_lines,
+        "eval_data_seed": study["eval"].get("data_seed", 0),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    report = write_report(study, out, table, baseline, seconds, seeds, differences, effect_lines)
     try:  # curves from the W&B runs the recipes logged
         compare_runs(load_local_runs(run_dirs), out / "comparison", baseline=None)
     except CompareError as err:

@@ -6,13 +6,15 @@ one). Unknown keys in the YAML or on the command line are errors that name the k
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 import yaml
@@ -104,13 +106,17 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
             f"Config file not found: {config_path!r}. Pass an existing YAML, e.g. recipes/sft/config.yaml."
         )
 
-    parser = TrlParser(list(dataclass_types))
+    # exit_on_error=False: a bad command-line value (e.g. a choice not among a Literal field's) is an ArgumentError
+    # we turn into one ConfigError, instead of argparse's exit after pages of usage.
+    parser = TrlParser(list(dataclass_types), exit_on_error=False)
     if not torch.cuda.is_available():
         parser.set_defaults(bf16=False, use_cpu=True)
     try:
         parsed = parser.parse_args_and_config(args=args)
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {config_path} is not valid YAML: {err}") from err
+    except argparse.ArgumentError as err:
+        raise ConfigError(command_line_error(parser, err)) from err
     except ValueError as err:
         message = str(err)
         if "Unknown arguments from config file" in message:
@@ -131,7 +137,51 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
         # The rest are the configs' own checks of the values given (TRL's and transformers' __post_init__).
         where = f"in {config_path} or on the command line" if config_path else "on the command line"
         raise ConfigError(f"{message}\nFix that value {where}.") from err
+    check_choices(parsed, config_path)
     return tuple(parsed)
+
+
+def command_line_error(parser: argparse.ArgumentParser, err: argparse.ArgumentError) -> str:
+    """argparse's complaint about a command-line value; a bad choice worded as `check_choices` words a YAML one."""
+    names = set((err.argument_name or "").split("/"))  # argparse joins an option's spellings: "--a_b/--a-b"
+    action = next((a for a in parser._actions if names & set(a.option_strings)), None)
+    given = re.search(r"invalid choice: (.+?) \(choose from", str(err))
+    if action is not None and action.choices is not None and given:
+        shown = ", ".join(str(choice) for choice in action.choices)
+        return f"{action.dest}: {given.group(1)} is not one of {shown}; fix it on the command line."
+    return f"{err}. Fix that value on the command line."
+
+
+def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` (or `Literal[...] | None`) annotation, else None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1 and get_origin(members[0]) is Literal:
+            return (*get_args(members[0]), None)
+    return None
+
+
+def check_choices(parsed: Sequence[Any], config_path: str | None) -> None:
+    """Every `Literal` field holds one of its values. argparse checks `choices` only for values given on the command
+    line; TrlParser hands YAML values to argparse as defaults, which it never checks, so they are checked here."""
+    for section in parsed:
+        if not dataclasses.is_dataclass(section):
+            continue
+        try:
+            hints = get_type_hints(type(section))
+        except (NameError, TypeError):  # a third-party config whose annotations do not resolve: nothing of ours
+            continue
+        for config_field in dataclasses.fields(section):
+            allowed = literal_choices(hints.get(config_field.name))
+            value = getattr(section, config_field.name)
+            if allowed is not None and value not in allowed:
+                shown = ", ".join(str(choice) for choice in allowed)
+                where = f"in {config_path}" if config_path else "in the config"
+                raise ConfigError(
+                    f"{config_field.name}: {value!r} is not one of {shown} ({type(section).__name__}); fix it {where}."
+                )
 
 
 def config_to_dict(*configs: Any) -> dict[str, Any]:

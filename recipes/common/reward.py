@@ -14,12 +14,15 @@ Public API (PPO, GRPO, rejection sampling and evaluation all use these; nothing 
         string prompts are the user's message, rendered with the chat template).
     RewardCombination(safety_threshold=0.15, whitening="batch", whiten_mean=0.0, whiten_std=1.0)
         The settings of the combination below.
+    combination_for(config, helpfulness_path) -> RewardCombination
+        The combination a GRPO or PPO config asks for (`reward_whitening`, `reward_whitening_mean`/`_std`,
+        `safety_threshold`, `safety_reward_model_path`), with `fixed` statistics resolved (see below).
     safety_gate(safety_scores, safety_relevant, threshold) -> BoolTensor
         True where the safety score is used: the prompt is safety-relevant, or sigmoid(r_s) < threshold.
     combine_rewards(helpfulness_scores, safety_scores=None, safety_relevant=None, combination=None) -> torch.Tensor
         Llama 2's R = whiten(logit(R_c)), R_c = R_s if safety-relevant or R_s < 0.15 else R_h, on raw RM scores.
     whiten(values, combination) -> torch.Tensor
-        The whitening step alone (batch statistics, fixed ones, or none).
+        The whitening step alone (batch statistics over all processes, fixed ones, or none).
     safety_tags(num_rows, columns, column=None) -> list[bool]
         Prompt-level safety tags from dataset columns (`is_unsafe_prompt`, or `task == "unsafe"`).
     CombinedReward(helpfulness, safety=None, combination=None, safety_column=None, batch_size=16, text_as_chat=False)
@@ -43,11 +46,15 @@ RM's raw score: we use the raw score (exact; no clamping of probabilities near 0
 0.15 gate. The KL penalty to the reference policy is not part of this reward: it stays in the RL trainer
 (`kl_coef` in PPO, `beta` in GRPO); the paper used beta = 0.01 for 7B and 13B and 0.005 for 34B and 70B.
 
-Whitening statistics: `whitening="batch"` uses the mean and standard deviation of the combined scores in each call
-(PPO and GRPO score a batch at a time); `"fixed"` uses `whiten_mean`/`whiten_std` from the config (e.g. the
-`score_mean`/`score_std` that the RM evaluation writes to `rm_eval.json`, or measured on policy samples); `"none"`
-returns logit(R_c) as it is. GRPO normalises rewards per group anyway: there whitening only sets the scale relative
-to other reward functions.
+Whitening statistics: `whitening="batch"` uses the mean and standard deviation of the combined scores in each call,
+taken over every process's scores of that call when torch.distributed is initialized (GRPO splits one generation
+batch, and a prompt's group, across processes; PPO scores each rollout chunk on every process): all processes must
+then call together, as the trainers do. `"fixed"` uses constant statistics, so one response gets the same reward
+whatever else is in its batch: the config's `reward_whitening_mean`/`reward_whitening_std`, or, when those are unset,
+the helpfulness RM's `score_mean`/`score_std` from its `rm_eval.json` (its scores on the chosen and rejected
+responses of its eval split, written by recipes/reward/train.py); with a safety RM as well, give them in the config
+(one RM's statistics do not describe the other's scores). `"none"` returns logit(R_c) as it is. GRPO normalises
+rewards per group anyway: there whitening only sets the scale relative to other reward functions.
 
 What "safety-relevant" means where:
 - `CombinedReward` (GRPO, rejection sampling) sees the dataset's columns and takes the prompt's tag from them.
@@ -64,7 +71,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -75,9 +82,11 @@ from recipes.common.errors import UserError
 
 SAFETY_THRESHOLD = 0.15  # Llama 2: precision 0.89 / recall 0.55 on unsafe responses of their eval set
 KL_BETA = {"7B": 0.01, "13B": 0.01, "34B": 0.005, "70B": 0.005}  # Llama 2's PPO KL coefficients (documentation)
-WHITENING_MODES = ("batch", "fixed", "none")
+WhiteningMode = Literal["batch", "fixed", "none"]  # the `reward_whitening` choices of the GRPO and PPO configs
+WHITENING_MODES = get_args(WhiteningMode)
 SAFETY_TASKS = ("unsafe", "safety")  # values of a `task` column that mark a safety-relevant prompt
 RM_INFO_FILE = "reward_model.json"  # written by recipes/reward/train.py next to the adapter
+RM_EVAL_FILE = "rm_eval.json"  # the RM's final evaluation (recipes/reward/train.py): `final.score_mean`/`score_std`
 
 
 class RewardModelError(UserError):
@@ -89,7 +98,7 @@ class RewardCombination:
     """How two RM scores become one reward (Llama 2); see the module docstring."""
 
     safety_threshold: float = SAFETY_THRESHOLD
-    whitening: str = "batch"
+    whitening: WhiteningMode = "batch"
     whiten_mean: float = 0.0
     whiten_std: float = 1.0
     eps: float = 1e-6
@@ -104,6 +113,50 @@ class RewardCombination:
             )
         if self.whitening == "fixed" and not self.whiten_std > 0:
             raise RewardModelError(f"whiten_std={self.whiten_std} must be > 0 for whitening='fixed'.")
+
+
+def combination_for(config: Any, helpfulness_path: str | None) -> RewardCombination:
+    """The `RewardCombination` of a GRPO or PPO config (fields `reward_whitening`, `reward_whitening_mean`,
+    `reward_whitening_std`, `safety_threshold`, `safety_reward_model_path`). For `fixed`, statistics unset in the
+    config come from the helpfulness RM's rm_eval.json; an error names the fields to set when there are none."""
+    mode = config.reward_whitening
+    if mode != "fixed":
+        return RewardCombination(safety_threshold=config.safety_threshold, whitening=mode)
+    mean, std = config.reward_whitening_mean, config.reward_whitening_std
+    if mean is None or std is None:
+        if config.safety_reward_model_path:
+            raise RewardModelError(
+                "reward_whitening: fixed with a safety RM: set reward_whitening_mean and reward_whitening_std (the "
+                "statistics of the combined reward, e.g. measured on SFT samples); the helpfulness RM's rm_eval.json "
+                "describes only its own scores, not the safety scores the combination also picks."
+            )
+        stats = rm_eval_statistics(helpfulness_path)
+        if stats is None:
+            raise RewardModelError(
+                f"reward_whitening: fixed needs statistics: set reward_whitening_mean and reward_whitening_std, or "
+                f"train the RM with an eval split so that {helpfulness_path}/{RM_EVAL_FILE} holds score_mean/score_std "
+                "(or use reward_whitening: batch)."
+            )
+        mean = stats[0] if mean is None else mean
+        std = stats[1] if std is None else std
+        print(f"[reward] fixed whitening: mean {mean:.4g}, std {std:.4g}", flush=True)
+    return RewardCombination(
+        safety_threshold=config.safety_threshold, whitening="fixed", whiten_mean=mean, whiten_std=std
+    )
+
+
+def rm_eval_statistics(path: str | None) -> tuple[float, float] | None:
+    """(score_mean, score_std) from an RM output dir's rm_eval.json (a checkpoint's run dir one level up), or None."""
+    if not path:
+        return None
+    root = Path(path).expanduser()
+    for directory in (root, root.parent) if root.name.startswith("checkpoint-") else (root,):
+        eval_file = directory / RM_EVAL_FILE
+        if eval_file.is_file():
+            final = json.loads(eval_file.read_text()).get("final") or {}
+            if "score_mean" in final and "score_std" in final:
+                return float(final["score_mean"]), float(final["score_std"])
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,17 +382,38 @@ def combine_rewards(
 
 
 def whiten(values: torch.Tensor, combination: RewardCombination) -> torch.Tensor:
-    """(x - mean) / std with the batch's statistics or the configured ones; unchanged for whitening='none'."""
+    """(x - mean) / std with the batch's statistics (over all processes) or the configured ones; unchanged for
+    whitening='none'."""
     if combination.whitening == "none":
         return values
     if combination.whitening == "fixed":
         return (values - combination.whiten_mean) / combination.whiten_std
-    if values.numel() < 2:
+    count, mean, std = batch_statistics(values)
+    if count < 2:
         raise RewardModelError(
-            "whitening='batch' needs at least 2 scores per call (got 1). Score a batch at a time, or use "
+            f"whitening='batch' needs at least 2 scores per call (got {count}). Score a batch at a time, or use "
             "whitening='fixed' with whiten_mean/whiten_std (e.g. score_mean/score_std from the RM's rm_eval.json)."
         )
-    return (values - values.mean()) / (values.std() + combination.eps)
+    return ((values - mean) / (std + combination.eps)).to(values.dtype)
+
+
+def batch_statistics(values: torch.Tensor) -> tuple[int, float, float]:
+    """(count, mean, unbiased std) of `values` together with every other process's `values` of this call (sums
+    all-reduced in float64, two passes), or of `values` alone outside torch.distributed."""
+    flat = values.detach().double().flatten()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        count = flat.numel()
+        return count, float(flat.mean()) if count else 0.0, float(flat.std()) if count > 1 else 0.0
+    device = flat.device
+    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+    totals = torch.tensor([flat.numel(), flat.sum().item()], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    count, mean = int(totals[0].item()), float(totals[1] / max(totals[0], 1))
+    squares = torch.tensor([((flat - mean) ** 2).sum().item()], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(squares)
+    std = (float(squares[0]) / (count - 1)) ** 0.5 if count > 1 else 0.0
+    return count, mean, std
 
 
 def safety_tags(num_rows: int, columns: Mapping[str, Any], column: str | None = None) -> list[bool]:

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
         log_lineage(run, training_args.output_dir, recipe_args.parent_run, [recipe_args.dataset_name], metrics)
-        mark_finished(training_args.output_dir, {"stage": "dpo", "metrics": metrics, "wandb": run_location(run)})
+        summary = {"stage": "dpo", "metrics": metrics, "wandb": run_location(run)}
+        summary["start_model"] = model_args.model_name_or_path  # the policy's start: python -m eval's KL reference
+        mark_finished(training_args.output_dir, summary)
         print(f"[dpo] adapter saved to {training_args.output_dir}; W&B run: {run_location(run)}")
     if run is not None:
         run.summary.update(metrics)

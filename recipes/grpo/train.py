@@ -10,6 +10,7 @@ is the KL reference), W&B and the evaluation callback, train, evaluate, save the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
@@ -21,7 +22,7 @@ from recipes.common.evaluation import build_eval_callback, final_evaluation
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.policy import check_prompt_lengths, context_length, load_policy, load_policy_tokenizer
-from recipes.common.reward import CombinedReward, RewardCombination
+from recipes.common.reward import CombinedReward, WhiteningMode, combination_for
 from recipes.common.tracking import check_parent_runs, init_wandb, log_lineage, run_location
 from recipes.grpo.rewards import build_reward_functions, preflight
 
@@ -37,7 +38,7 @@ class GRPORecipeArguments:
         default_factory=lambda: ["correctness", "format"],
         metadata={"help": "From: correctness (eval.gsm8k.grade), format (#### N last line), length, rm."},
     )
-    correctness_mode: str = field(
+    correctness_mode: Literal["flexible", "strict"] = field(
         default="flexible", metadata={"help": "eval.gsm8k.grade mode: flexible (last number) or strict (#### N)."}
     )
     length_target_tokens: int = field(
@@ -52,7 +53,19 @@ class GRPORecipeArguments:
     safety_threshold: float = field(
         default=0.15, metadata={"help": "`rm` reward: use the safety score when sigmoid(safety score) is below this."}
     )
-    reward_whitening: str = field(default="batch", metadata={"help": "`rm` reward: batch, fixed or none."})
+    reward_whitening: WhiteningMode = field(
+        default="batch",
+        metadata={
+            "help": "`rm` reward whitening: batch (mean/std of each scored batch, over all processes), fixed "
+            "(reward_whitening_mean/std; unset: the helpfulness RM's rm_eval.json score_mean/score_std) or none."
+        },
+    )
+    reward_whitening_mean: float | None = field(
+        default=None, metadata={"help": "reward_whitening fixed: the mean subtracted (default: from rm_eval.json)."}
+    )
+    reward_whitening_std: float | None = field(
+        default=None, metadata={"help": "reward_whitening fixed: the std divided by (default: from rm_eval.json)."}
+    )
     safety_column: str | None = field(
         default=None, metadata={"help": "`rm` reward: column tagging safety prompts (default: is_unsafe_prompt/task)."}
     )
@@ -82,7 +95,7 @@ def combined_rm_reward(grpo_args: GRPORecipeArguments) -> CombinedReward:
     with their own tokenizers, so unlike PPO they need not share the policy's."""
     if not grpo_args.reward_model_path:
         raise ConfigError("`reward_functions` lists 'rm': set `reward_model_path` (and optionally the safety RM's).")
-    combination = RewardCombination(safety_threshold=grpo_args.safety_threshold, whitening=grpo_args.reward_whitening)
+    combination = combination_for(grpo_args, grpo_args.reward_model_path)
     return CombinedReward(
         grpo_args.reward_model_path,
         grpo_args.safety_reward_model_path,
@@ -189,7 +202,9 @@ def main(argv: list[str] | None = None) -> GRPOTrainer:
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
         log_lineage(run, training_args.output_dir, recipe_args.parent_run, [recipe_args.dataset_name], metrics)
-        mark_finished(training_args.output_dir, {"stage": "grpo", "metrics": metrics, "wandb": run_location(run)})
+        summary = {"stage": "grpo", "metrics": metrics, "wandb": run_location(run)}
+        summary["start_model"] = model_args.model_name_or_path  # the policy's start: python -m eval's KL reference
+        mark_finished(training_args.output_dir, summary)
         print(f"[grpo] adapter saved to {training_args.output_dir}; W&B run: {run_location(run)}")
     if run is not None:
         run.summary.update(metrics)

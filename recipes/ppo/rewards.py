@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -31,12 +31,13 @@ from trl.experimental.ppo import PPOConfig
 from recipes.common.reward import (
     CombinedRewardModel,
     PromptSafetyTags,
-    RewardCombination,
+    combination_for,
     load_reward_model,
     safety_tags,
 )
 
-REWARD_SOURCES = ("math", "reward_model")
+RewardSource = Literal["math", "reward_model"]  # `reward_source` in the PPO config
+REWARD_SOURCES = get_args(RewardSource)
 
 
 class PromptTable:
@@ -81,7 +82,7 @@ class PPOReward(nn.Module):
 
     def __init__(
         self,
-        source: str,
+        source: RewardSource,
         tokenizer: PreTrainedTokenizerBase,
         prompts: PromptTable,
         reward_model: nn.Module | None = None,
@@ -89,8 +90,6 @@ class PPOReward(nn.Module):
         partial_credit: float = 0.0,
     ) -> None:
         super().__init__()
-        if source not in REWARD_SOURCES:
-            raise ValueError(f"Unknown reward_source {source!r}: use one of {REWARD_SOURCES}.")
         if source == "reward_model" and reward_model is None:
             raise ValueError("reward_source 'reward_model' needs a reward model.")
         self.source = source
@@ -181,6 +180,6 @@ def load_reward_models(
     return CombinedRewardModel(
         helpfulness,
         safety,
-        RewardCombination(safety_threshold=ppo_args.safety_threshold, whitening=ppo_args.reward_whitening),
+        combination_for(ppo_args, reward_model_path(training_args)),
         safety_tagger=PromptSafetyTags(unsafe) if unsafe else None,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 try:
     from trl.experimental.ppo import PPOConfig
@@ -31,10 +32,11 @@ from recipes.common.errors import run_cli
 from recipes.common.evaluation import build_eval_callback
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
+from recipes.common.reward import WhiteningMode, combination_for
 from recipes.common.tracking import init_wandb, run_location
 from recipes.ppo.data import PPO_FORMATS, check_same_tokenizers, load_policy_tokenizer, select_prompts, tokenize_prompts
 from recipes.ppo.modeling import AdapterReference, load_policy, load_value_model, value_backbone, value_init_path
-from recipes.ppo.rewards import REWARD_SOURCES, PPOReward, PromptTable, load_reward_models, reward_model_path
+from recipes.ppo.rewards import PPOReward, PromptTable, RewardSource, load_reward_models, reward_model_path
 from recipes.ppo.trainer import (
     ResumablePPOTrainer,
     check_resumable,
@@ -49,21 +51,35 @@ from recipes.ppo.trainer import (
 class PPOScriptArguments:
     """PPO options beyond TRL's `PPOConfig`, whose `reward_model_path` names the (helpfulness) reward model."""
 
-    reward_source: str = field(
+    reward_source: RewardSource = field(
         default="math",
         metadata={
             "help": "math: 1/0 from the GSM8K grader against each prompt's `answer`; reward_model: the reward model "
             "at reward_model_path, combined with safety_reward_model_path when set (Llama 2)."
         },
     )
-    math_grading: str = field(default="flexible", metadata={"help": "eval.gsm8k.grade mode: flexible or strict."})
+    math_grading: Literal["flexible", "strict"] = field(
+        default="flexible", metadata={"help": "eval.gsm8k.grade mode: flexible or strict."}
+    )
     math_partial_credit: float = field(
         default=0.0,
         metadata={"help": "Math reward += this x F1 of the response's numbers vs the reference solution's numbers."},
     )
     safety_reward_model_path: str | None = field(default=None, metadata={"help": "Safety RM output dir (optional)."})
     safety_threshold: float = field(default=0.15, metadata={"help": "Use the safety score when sigmoid(r_s) < this."})
-    reward_whitening: str = field(default="batch", metadata={"help": "Combined reward whitening: batch or none."})
+    reward_whitening: WhiteningMode = field(
+        default="batch",
+        metadata={
+            "help": "Combined reward whitening: batch (mean/std of each scored batch, over all processes), fixed "
+            "(reward_whitening_mean/std; unset: the helpfulness RM's rm_eval.json score_mean/score_std) or none."
+        },
+    )
+    reward_whitening_mean: float | None = field(
+        default=None, metadata={"help": "reward_whitening fixed: the mean subtracted (default: from rm_eval.json)."}
+    )
+    reward_whitening_std: float | None = field(
+        default=None, metadata={"help": "reward_whitening fixed: the std divided by (default: from rm_eval.json)."}
+    )
     value_model_path: str | None = field(
         default=None,
         metadata={"help": "Value model init; default: reward_model_path for the RM reward, else the policy's base."},
@@ -193,6 +209,7 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
         summary = {"stage": "ppo", "metrics": metrics, "wandb": run_location(run), "parent_run": recipe_args.parent_run}
+        summary["start_model"] = model_args.model_name_or_path  # the policy's start: python -m eval's KL reference
         mark_finished(training_args.output_dir, summary)
         print(f"[ppo] adapter saved to {training_args.output_dir}; W&B run: {run_location(run)}")
         for key in ("eval/gsm8k/accuracy", "train/reward/mean", "train/objective/kl"):
@@ -206,14 +223,12 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
 
 
 def check_options(ppo_args: PPOScriptArguments, training_args: PPOConfig, model_args: QLoRAModelConfig) -> None:
-    if ppo_args.reward_source not in REWARD_SOURCES:
-        raise ConfigError(f"reward_source {ppo_args.reward_source!r} is not one of {REWARD_SOURCES}.")
     if ppo_args.reward_source == "reward_model" and not reward_model_path(training_args):
         raise ConfigError("reward_source 'reward_model' needs `reward_model_path` (the reward recipe's output dir).")
+    if ppo_args.reward_source == "reward_model":
+        combination_for(ppo_args, reward_model_path(training_args))  # fixed whitening's statistics, before any load
     if not model_args.use_peft:
         raise ConfigError("The PPO recipe trains LoRA adapters (policy and value model): keep `use_peft: true`.")
-    if ppo_args.math_grading not in ("flexible", "strict"):
-        raise ConfigError(f"math_grading {ppo_args.math_grading!r}: use flexible or strict.")
     if training_args.stop_token is None and training_args.stop_token_id is None:
         print("[ppo] no stop_token: every response runs to response_length (set `stop_token: eos` to end at EOS)")
     for path in (reward_model_path(training_args), ppo_args.safety_reward_model_path, ppo_args.value_model_path):

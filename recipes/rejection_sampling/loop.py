@@ -287,8 +287,6 @@ def vllm_sampler(
 def check_backend(backend: str) -> None:
     if backend == "hf":
         return
-    if backend != "vllm":
-        raise ConfigError(f"generation_backend {backend!r} is not one of: hf, vllm.")
     if not torch.cuda.is_available():
         raise ConfigError("generation_backend: vllm needs a CUDA GPU; use `generation_backend: hf` on this machine.")
     try:

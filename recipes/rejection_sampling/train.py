@@ -11,6 +11,7 @@ file under `output_dir/round_<k>/` (see loop.py), so a killed run relaunched wit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from accelerate import PartialState
 from trl import SFTConfig
@@ -21,17 +22,13 @@ from recipes.common.outputs import mark_finished
 from recipes.common.policy import load_policy_tokenizer
 from recipes.common.tracking import check_parent_runs, init_wandb, run_location
 from recipes.rejection_sampling import loop
-from recipes.rejection_sampling.selection import SELECTIONS
-
-METHODS = ("rejection_sampling", "iterative_dpo")
-SCORERS = ("gsm8k", "reward_model", "combined")
 
 
 @dataclass
 class RejectionSamplingArguments:
     """The loop's choices (the SFT settings of each round are TRL's `SFTConfig`)."""
 
-    method: str = field(
+    method: Literal["rejection_sampling", "iterative_dpo"] = field(
         default="rejection_sampling", metadata={"help": "rejection_sampling (SFT on the best) or iterative_dpo."}
     )
     num_rounds: int = field(default=2, metadata={"help": "Rounds K; raising it on a finished run continues it."})
@@ -43,17 +40,25 @@ class RejectionSamplingArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling cutoff (1.0: plain sampling)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest response sampled."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (x N sequences)."})
-    generation_backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU only)."})
-    selection: str = field(
+    generation_backend: Literal["hf", "vllm"] = field(
+        default="hf", metadata={"help": "hf (transformers generate) or vllm (GPU only)."}
+    )
+    selection: Literal["best_of_round", "best_of_all_rounds"] = field(  # selection.SELECTIONS
         default="best_of_round", metadata={"help": "best_of_round, or best_of_all_rounds (Llama 2's regression fix)."}
     )
     keep_per_prompt: int = field(default=1, metadata={"help": "Highest-reward samples kept per prompt."})
     reward_threshold: float | None = field(default=None, metadata={"help": "Keep only samples scoring >= this."})
     dedupe: bool = field(default=True, metadata={"help": "Identical responses to a prompt count once."})
     keep_truncated: bool = field(default=False, metadata={"help": "Also keep responses cut by max_new_tokens."})
-    train_from: str = field(default="last_round", metadata={"help": "sft (original policy) or last_round."})
-    scorer: str = field(default="gsm8k", metadata={"help": "gsm8k (the eval suite's grader), reward_model, combined."})
-    grader_mode: str = field(default="flexible", metadata={"help": "GSM8K grading: flexible (last number) or strict."})
+    train_from: Literal["sft", "last_round"] = field(
+        default="last_round", metadata={"help": "sft (original policy) or last_round."}
+    )
+    scorer: Literal["gsm8k", "reward_model", "combined"] = field(
+        default="gsm8k", metadata={"help": "gsm8k (the eval suite's grader), reward_model, combined."}
+    )
+    grader_mode: Literal["flexible", "strict"] = field(
+        default="flexible", metadata={"help": "GSM8K grading: flexible (last number) or strict."}
+    )
     reward_model_path: str | None = field(
         default=None, metadata={"help": "Reward model (helpfulness RM for combined)."}
     )
@@ -72,13 +77,6 @@ CONFIG_TYPES = (RecipeArguments, SFTConfig, QLoRAModelConfig, RejectionSamplingA
 
 def check_settings(rs: RejectionSamplingArguments, training_args: SFTConfig) -> None:
     """Every choice checked before anything loads or is written."""
-    choices = {"method": (rs.method, METHODS), "selection": (rs.selection, SELECTIONS), "scorer": (rs.scorer, SCORERS)}
-    choices.update(
-        train_from=(rs.train_from, ("sft", "last_round")), grader_mode=(rs.grader_mode, ("flexible", "strict"))
-    )
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}.")
     for name in ("num_rounds", "num_samples", "max_new_tokens", "generation_batch_size", "keep_per_prompt"):
         if getattr(rs, name) < 1:
             raise ConfigError(f"{name} must be >= 1 (got {getattr(rs, name)}).")
@@ -170,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         # The final policy also sits at output_dir itself, so the run loads like every other recipe's output.
         loop.copy_policy_files(results[-1]["policy"], training_args.output_dir)
         mark_finished(
-            training_args.output_dir, {"stage": "rejection_sampling", "metrics": final, "wandb": run_location(run)}
+            training_args.output_dir,
+            {"stage": "rejection_sampling", "metrics": final, "wandb": run_location(run), "start_model": sft_policy},
         )
         print(summary)
         print(f"[rejection_sampling] rounds in {training_args.output_dir}; W&B run: {run_location(run)}", flush=True)

@@ -11,6 +11,7 @@ rating bucket, gap, calibration -> rm_eval.json), save the adapter with its scor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
@@ -30,7 +31,7 @@ from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.policy import adapter_base
 from recipes.common.reward import RM_INFO_FILE
 from recipes.common.tracking import init_wandb, run_location
-from recipes.reward.data import MARGIN_SETS, PAIR_FORMATS, prepare_pairs, tokenize_pairs
+from recipes.reward.data import PAIR_FORMATS, prepare_pairs, tokenize_pairs
 from recipes.reward.modeling import keep_trainable_float32, reward_peft_config
 
 RM_EVAL_FILE = "rm_eval.json"
@@ -40,8 +41,10 @@ RM_EVAL_FILE = "rm_eval.json"
 class RewardScriptArguments:
     """Reward-recipe options beyond TRL's `RewardConfig`."""
 
-    reward_kind: str = field(default="helpfulness", metadata={"help": "helpfulness or safety (names and tags)."})
-    margin_set: str = field(
+    reward_kind: Literal["helpfulness", "safety"] = field(
+        default="helpfulness", metadata={"help": "helpfulness or safety (names and tags)."}
+    )
+    margin_set: Literal["none", "small", "large"] = field(  # the keys of MARGIN_SETS
         default="none",
         metadata={"help": "Llama 2 margins by rating: none, small {1, 2/3, 1/3, 0} or large {3, 2, 1, 0}."},
     )
@@ -171,10 +174,6 @@ def check_options(recipe_args: RecipeArguments, rm_args: RewardScriptArguments, 
             f"{model_args.model_name_or_path!r} is a LoRA adapter; a reward model starts from a full model. Start from "
             "the base, or from a merged SFT model (SFT with `merge_adapter: true` writes `<sft output>/merged`)."
         )
-    if rm_args.margin_set not in MARGIN_SETS:
-        raise ConfigError(f"margin_set {rm_args.margin_set!r} is not one of {list(MARGIN_SETS)} (Llama 2, Table 27).")
-    if rm_args.reward_kind not in ("helpfulness", "safety"):
-        raise ConfigError(f"reward_kind {rm_args.reward_kind!r}: use helpfulness or safety.")
     if [task for task in recipe_args.eval_tasks if task]:
         raise ConfigError(
             f"eval_tasks {recipe_args.eval_tasks} are generation tasks for a policy; a reward model does not generate. "

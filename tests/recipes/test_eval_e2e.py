@@ -1,5 +1,6 @@
 """End to end through `python -m eval`: a saved base + LoRA adapter loaded 4-bit (KL to the adapter-less base, W&B
-offline), and the embedded demo's base model checked against the accuracy prepare_demo.py measured itself."""
+offline), KL to the policy's starting point read from its run's lineage (loaded with the policy's dtype), and the
+embedded demo's base model checked against the accuracy prepare_demo.py measured itself."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
 
-from eval.__main__ import main
+from eval.__main__ import build_parser, main, run
+from eval.data import EvalError
 from eval.testing import build_char_tokenizer, build_tiny_model
 
 QUESTIONS = [
@@ -34,6 +37,7 @@ def base_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     for name, param in policy.named_parameters():
         if "lora_B" in name:  # a trained adapter: the policy moves away from its base
             param.data.normal_(0, 0.5)
+    policy.peft_config["default"].base_model_name_or_path = str(root / "base")  # as a trained adapter records it
     policy.save_pretrained(root / "adapter")
     return root / "base", root / "adapter"
 
@@ -50,7 +54,7 @@ def test_cli_adapter_in_4bit_with_kl_and_wandb(
     argv = [
         "--model", str(base), "--adapter", str(adapter), "--load_in_4bit",
         "--tasks", "gsm8k,length,reward", "--gsm8k", str(data), "--gsm8k_chat", "true",
-        "--max_new_tokens", "8", "--samples_per_prompt", "2", "--no_progress",
+        "--max_new_tokens", "8", "--samples_per_prompt", "2", "--no_progress", "--ref_model", "base",
         "--output", str(output), "--samples_output", str(tmp_path / "samples.jsonl"),
         "--wandb_project", "eval-test", "--wandb_run_name", "e2e",
     ]  # fmt: skip
@@ -60,6 +64,7 @@ def test_cli_adapter_in_4bit_with_kl_and_wandb(
     assert results["gsm8k"]["n"] == 4 and set(results["gsm8k"]) >= {"exact_match_strict", "exact_match_flexible"}
     assert results["length"]["n"] == 8
     assert results["reward"]["kl"] > 0.01  # adapter on vs off: the policy is not its base
+    assert "adapter disabled" in results["reward"]["kl_reference"] == payload["config"]["kl_reference"]
     assert payload["config"]["gsm8k_chat"] is True and payload["config"]["load_in_4bit"] is True
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert {s["task"] for s in samples} == {"gsm8k", "sampled"}
@@ -68,6 +73,61 @@ def test_cli_adapter_in_4bit_with_kl_and_wandb(
     assert logged, "no W&B run reported"
     run_dir = Path(logged.group(1)).parent  # the run's files/ directory sits next to its .wandb log
     assert run_dir.name.startswith("offline-run-") and list(run_dir.glob("run-*.wandb"))
+
+
+def perturbed_adapter(start: Path, out: Path, seed: int, lineage: dict) -> Path:
+    """A copy of the adapter at `start` with its LoRA weights moved: a policy trained on from it."""
+    base = Path(json.loads((start / "adapter_config.json").read_text())["base_model_name_or_path"])
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), start, is_trainable=True)
+    torch.manual_seed(seed)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.add_(torch.randn_like(param) * 0.3)
+    policy.save_pretrained(out)
+    (out / "run_complete.json").write_text(json.dumps(lineage))
+    return out
+
+
+def kl_of(argv: list[str], output: Path) -> dict:
+    assert main([*argv, "--output", str(output)]) == 0
+    return json.loads(output.read_text())["results"]["reward"]
+
+
+def test_kl_reference_is_the_policys_starting_point(tmp_path: Path, base_and_adapter: tuple[Path, Path]) -> None:
+    """A policy adapter trained on from the SFT adapter: by default KL is measured to that SFT policy (its recorded
+    start), not to the adapter's base; the same figure as naming it with --ref_model."""
+    _, sft = base_and_adapter
+    policy = perturbed_adapter(sft, tmp_path / "ppo", seed=3, lineage={"stage": "ppo", "start_model": str(sft)})
+    (tmp_path / "math").mkdir()
+    (tmp_path / "math" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    argv = [
+        "--model", str(policy), "--tasks", "reward", "--gsm8k", str(tmp_path / "math"), "--max_new_tokens", "8",
+        "--samples_per_prompt", "2", "--no_progress",
+    ]  # fmt: skip
+    default = kl_of(argv, tmp_path / "default.json")
+    named = kl_of([*argv, "--ref_model", str(sft)], tmp_path / "named.json")
+    to_base = kl_of([*argv, "--ref_model", "base"], tmp_path / "base.json")
+    assert default["kl"] == pytest.approx(named["kl"], abs=1e-6)
+    assert str(sft) in default["kl_reference"] and "start_model" in default["kl_reference"]
+    assert abs(default["kl"] - to_base["kl"]) > 0.05, (default, to_base)  # the base is another reference
+    # Without the record, an adapter's reference must be named.
+    (policy / "run_complete.json").unlink()
+    with pytest.raises(EvalError, match="--ref_model"):
+        run(build_parser().parse_args(argv))
+
+
+def test_kl_reference_is_loaded_with_the_policys_dtype(tmp_path: Path, base_and_adapter: tuple[Path, Path]) -> None:
+    """The policy against itself in bfloat16: exactly 0 only when the reference is loaded in bfloat16 too (a float32
+    reference would differ by bf16 rounding)."""
+    _, adapter = base_and_adapter
+    (tmp_path / "math").mkdir()
+    (tmp_path / "math" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    argv = [
+        "--model", str(adapter), "--ref_model", str(adapter), "--dtype", "bfloat16", "--tasks", "reward",
+        "--gsm8k", str(tmp_path / "math"), "--max_new_tokens", "8", "--samples_per_prompt", "2", "--no_progress",
+    ]  # fmt: skip
+    reward = kl_of(argv, tmp_path / "self.json")
+    assert reward["kl"] == 0.0 and reward["logprob_policy"] == reward["logprob_ref"]
 
 
 def test_demo_base_model_matches_prepare_demo_accuracy(demo_dir: Path, tmp_path: Path) -> None:

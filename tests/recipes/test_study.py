@@ -1,9 +1,12 @@
 """scripts/study_ppo_vs_dpo.py with a tiny budget (1 seed, DPO and PPO for a few steps, two runs side by side):
-every run trained by its real recipe and evaluated by `python -m eval`, and a report built from those results."""
+every run trained by its real recipe and evaluated by `python -m eval` on the items the data seed picks (the same
+for the SFT baseline, whatever the training seed), and a report whose figures and verdicts follow from the per-item
+results (the verdict rules themselves: tests/unit/test_study_verdicts.py)."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import study_ppo_vs_dpo  # noqa: E402
 from test_dpo import make_sft_adapter  # noqa: E402
 
+from eval.compare import mean_interval, per_item_values  # noqa: E402
+from eval.data import read_jsonl, seeded_subset  # noqa: E402
 from recipes.common.runs import load_local_runs as read_runs  # noqa: E402
+
+SEED = 1  # a training seed other than the data seed (0): it must not change which items are evaluated
 
 
 def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path) -> dict:
@@ -32,7 +39,7 @@ def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path) -> dict:
         "name": "tiny-study",
         "output_dir": str(out_dir),
         "sft": str(sft_dir),
-        "seeds": [0],
+        "seeds": [SEED],
         "load_in_4bit": True,
         "common_overrides": eval_overrides,
         "methods": {
@@ -69,6 +76,7 @@ def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path) -> dict:
         },
         "eval": {
             "tasks": "gsm8k,mmlu,length,diversity",
+            "data_seed": 0,
             "gsm8k": str(data / "math" / "test.jsonl"),
             "gsm8k_chat": True,
             "mmlu": str(data / "mmlu"),
@@ -97,27 +105,102 @@ def test_report_compares_methods_with_figures_from_the_runs(study_report: tuple[
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"dpo", "ppo"}
     for method in ("dpo", "ppo"):
-        assert (out / f"{method}-seed0" / "run_complete.json").is_file()
-        evaluated = json.loads((out / f"{method}-seed0.eval.json").read_text())
+        finished = json.loads((out / f"{method}-seed{SEED}" / "run_complete.json").read_text())
+        assert finished["start_model"] == str(out.parent / "sft")  # the lineage python -m eval's KL reads
+        evaluated = json.loads((out / f"{method}-seed{SEED}.eval.json").read_text())
         flat = study_ppo_vs_dpo.flatten(evaluated)
         # The report's figure is the evaluation's own number, not a default.
         accuracy = flat["eval/gsm8k/exact_match_flexible"]
         assert results["methods"][method]["eval/gsm8k/exact_match_flexible"] == [accuracy]
         assert 0.0 <= accuracy <= 1.0
         assert flat["eval/length/mean_tokens"] > 0
+        assert evaluated["config"]["seed"] == SEED and evaluated["config"]["data_seed"] == 0
     assert "| GSM8K accuracy |" in text and "| MMLU accuracy |" in text
-    assert "PPO >= DPO on math" in text  # the verdict line, with the figures
-    assert "Lower diversity after RLHF" in text
     baseline = study_ppo_vs_dpo.flatten(json.loads((out / "sft.eval.json").read_text()))
     assert f"{baseline['eval/mmlu/accuracy']:.4g}" in text
+
+
+def per_item(out: Path, name: str) -> dict:
+    return per_item_values(read_jsonl(out / f"{name}.eval.samples.jsonl"))
+
+
+def test_every_model_is_evaluated_on_the_data_seeds_items(demo_dir: Path, study_report: tuple[Path, Path]) -> None:
+    _, out = study_report
+    problems = read_jsonl(demo_dir / "data" / "math" / "test.jsonl")
+    expected = seeded_subset(range(len(problems)), 8, 0)  # limit 8, data seed 0, not the training seed
+    runs = {name: per_item(out, name) for name in ("sft", f"dpo-seed{SEED}", f"ppo-seed{SEED}")}
+    for name, values in runs.items():
+        assert sorted(values["eval/gsm8k/exact_match_flexible"]) == expected, name
+        for key in ("eval/mmlu/accuracy", "eval/length/mean_tokens", "eval/diversity/per_input_distinct_mean"):
+            assert sorted(values[key]) == sorted(runs["sft"][key]), (name, key)
+    assert json.loads((out / "sft.eval.json").read_text())["config"]["seed"] == study_ppo_vs_dpo.BASELINE_SAMPLING_SEED
+    # The per-item results add up to each evaluation's metrics, so the intervals describe the reported figures.
+    for name, values in runs.items():
+        flat = study_ppo_vs_dpo.flatten(json.loads((out / f"{name}.eval.json").read_text()))
+        for key in ("eval/gsm8k/exact_match_flexible", "eval/mmlu/accuracy", "eval/length/mean_tokens"):
+            assert sum(values[key].values()) / len(values[key]) == pytest.approx(flat[key]), (name, key)
+        distinct = values["eval/diversity/per_input_distinct_mean"]
+        assert sum(distinct.values()) / len(distinct) == pytest.approx(flat["eval/diversity/per_input_distinct_mean"])
+
+
+def effect_line(text: str, start: str) -> str:
+    (line,) = [line for line in text.splitlines() if line.startswith(f"- {start}")]
+    return line
+
+
+def test_verdicts_follow_from_the_per_item_results(study_report: tuple[Path, Path]) -> None:
+    report, out = study_report
+    text = report.read_text()
+    results = json.loads((out / "results.json").read_text())
+    differences = results["differences_to_sft"]
+    # PPO (the GSM8K grader) vs DPO (preference pairs): one seed, different signals, both said in the line.
+    ppo_vs_dpo = effect_line(text, "PPO >= DPO on math")
+    verdict = re.search(r"\*\*(.+?)\*\*", ppo_vs_dpo).group(1)
+    assert verdict in {
+        f"{v}, with different training signals" for v in ("reproduced", "not reproduced", "inconclusive")
+    }
+    assert "n=1 seed" in ppo_vs_dpo and "±" not in ppo_vs_dpo
+    assert "the GSM8K grader" in ppo_vs_dpo and "preference pairs" in ppo_vs_dpo
+    gsm = "eval/gsm8k/exact_match_flexible"
+    gap = differences["ppo"][gsm]["mean"] - differences["dpo"][gsm]["mean"]
+    assert f"gap {gap:+.3f}" in ppo_vs_dpo
+    low, high = (float(x) for x in re.search(r"95% CI \[([-+\d.e]+), ([-+\d.e]+)\]", ppo_vs_dpo).groups())
+    expected = "reproduced" if low > 0 else "not reproduced" if high < 0 else "inconclusive"
+    assert verdict.startswith(expected) and not (expected == "reproduced" and verdict.startswith("not"))
+    # Length and diversity: each method's verdict is its interval's, and the headline counts them.
+    for start, key, sign in (
+        ("Longer responses", "eval/length/mean_tokens", 1),
+        ("Lower diversity", "eval/diversity/per_input_distinct_mean", -1),
+    ):
+        line = effect_line(text, start)
+        reproduced = 0
+        for method in ("dpo", "ppo"):
+            change = differences[method][key]
+            if change["low"] > 0 or change["high"] < 0:
+                outcome = "reproduced" if (change["low"] > 0) == (sign > 0) else "not reproduced"
+            else:
+                outcome = "inconclusive"
+            reproduced += outcome == "reproduced"
+            assert f"{change['mean']:+.3g}, 95% CI [{change['low']:+.3g}, {change['high']:+.3g}]: {outcome})" in line
+        assert f"**reproduced by {reproduced} of 2 methods" in line and "n=1 seed" in line
+    # MMLU: "not testable" exactly when the SFT model's interval holds chance.
+    sft_mmlu = per_item(out, "sft")["eval/mmlu/accuracy"]
+    sft = mean_interval([[sft_mmlu[i] for i in sorted(sft_mmlu)]])
+    mmlu_line = effect_line(text, "MMLU roughly unchanged")
+    at_chance = sft.low <= 0.25 <= sft.high
+    assert (f"**not testable (SFT at chance: {sft.mean:.3f} vs 0.25)**" in mmlu_line) == at_chance
+    assert ("**unchanged (95% CI within ±0.05)" in mmlu_line) == (not at_chance)
+    # The table shows the same change and interval as the verdicts.
+    ppo_gsm = differences["ppo"][gsm]
+    assert f"({ppo_gsm['mean']:+.3g} [{ppo_gsm['low']:+.3g}, {ppo_gsm['high']:+.3g}])" in text
 
 
 def test_runs_are_tagged_and_grouped_for_wandb(study_report: tuple[Path, Path]) -> None:
     _, out = study_report
     for method in ("dpo", "ppo"):
-        (run,) = read_runs([out / f"{method}-seed0"])
+        (run,) = read_runs([out / f"{method}-seed{SEED}"])
         assert run.group == "tiny-study"
-        assert {"study:tiny-study", f"stage:{method}", "seed:0"} <= set(run.tags), run.tags
+        assert {"study:tiny-study", f"stage:{method}", f"seed:{SEED}"} <= set(run.tags), run.tags
     assert (out / "comparison" / "report.md").is_file()  # the curves, drawn from those W&B runs
 
 
@@ -125,7 +208,8 @@ def test_finished_runs_are_reused(study_report: tuple[Path, Path], capsys: pytes
     report, out = study_report
     study_ppo_vs_dpo.main(["--study", str(out.parent / "study.yaml"), "--jobs", "2"])
     printed = capsys.readouterr().out
-    assert "dpo seed 0: already trained" in printed and "ppo seed 0: already trained" in printed
+    assert f"dpo seed {SEED}: already trained" in printed and f"ppo seed {SEED}: already trained" in printed
+    assert "evaluating" not in printed  # the evaluations (and the SFT baseline) are reused too
 
 
 def test_unknown_method_is_refused(study_report: tuple[Path, Path]) -> None:

@@ -121,7 +121,7 @@ def test_math_reward_needs_answers(model_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--reward_source", "sentiment"], "reward_source 'sentiment' is not one of"),
+        (["--reward_source", "sentiment"], "reward_source: 'sentiment' is not one of"),
         (["--reward_source", "reward_model"], "needs `reward_model_path`"),
         (["--reward_source", "reward_model", "--reward_model_path", "outputs/no-such-rm"], "does not exist"),
         (["--use_peft", "false"], "keep `use_peft: true`"),

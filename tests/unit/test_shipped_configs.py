@@ -54,4 +54,4 @@ def test_study_config_parses_with_each_methods_recipe(path: Path, tmp_path: Path
             argv += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
         assert len(parse_config(module.CONFIG_TYPES, argv)) == len(module.CONFIG_TYPES)
     assert set(study["eval"]) <= {"tasks", "gsm8k", "gsm8k_chat", "mmlu", "prompts", "limit", "max_new_tokens",
-                                  "samples_per_prompt", "batch_size", "reward_models"}  # fmt: skip
+                                  "samples_per_prompt", "batch_size", "reward_models", "data_seed"}  # fmt: skip
