@@ -222,7 +222,7 @@ def test_margin_set_needs_a_rating_column(demo_dir: Path, tmp_path: Path) -> Non
     with pytest.raises(DataError, match="margin_set 'small' maps each pair's rating"):
         main(args)
     main_args = rm_args(demo_dir, tmp_path / "out", "--dataset_name", str(data), "--margin_set", "huge")
-    with pytest.raises(ConfigError, match="margin_set 'huge'"):
+    with pytest.raises(ConfigError, match="margin_set: 'huge' is not one of none, small, large"):
         main(main_args)
 
 
