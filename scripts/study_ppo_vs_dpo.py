@@ -44,7 +44,7 @@ from eval.compare import (  # noqa: E402
     verdict,
 )
 from eval.data import read_jsonl  # noqa: E402
-from recipes.common.errors import run_cli  # noqa: E402
+from recipes.common.errors import UserError, run_cli  # noqa: E402
 from recipes.common.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 
 DEFAULT_STUDY = REPO_ROOT / "scripts" / "studies" / "demo.yaml"
@@ -373,21 +373,19 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
 
     if args.jobs < 1:
-        raise SystemExit(f"[study] --jobs {args.jobs}: give 1 or more (2 on a 2-core CPU runs two runs side by side).")
+        raise UserError(f"--jobs {args.jobs}: give 1 or more (2 on a 2-core CPU runs two runs side by side).")
     if not args.study.is_file():
-        raise SystemExit(
-            f"[study] no study file {args.study}; shipped ones: {sorted(p.name for p in DEFAULT_STUDY.parent.glob('*.yaml'))}."
+        raise UserError(
+            f"no study file {args.study}; shipped ones: {sorted(p.name for p in DEFAULT_STUDY.parent.glob('*.yaml'))}."
         )
     study = yaml.safe_load(args.study.read_text())
     seeds = args.seeds or study["seeds"]
     methods = args.methods or list(study["methods"])
     unknown = [m for m in methods if m not in study["methods"]]
     if unknown:
-        raise SystemExit(f"[study] unknown method(s) {unknown}; {args.study} defines {list(study['methods'])}.")
+        raise UserError(f"unknown method(s) {unknown}; {args.study} defines {list(study['methods'])}.")
     if not (Path(study["sft"]) / "run_complete.json").is_file():
-        raise SystemExit(
-            f"[study] no finished SFT run at {study['sft']}: run the SFT recipe first (bash scripts/demo.sh)."
-        )
+        raise UserError(f"no finished SFT run at {study['sft']}: run the SFT recipe first (bash scripts/demo.sh).")
     out = args.output_dir or Path(study["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
 

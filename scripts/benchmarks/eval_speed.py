@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 from eval.generation import generate, loglikelihood  # noqa: E402
 from eval.testing import build_char_tokenizer, build_tiny_model  # noqa: E402
+from recipes.common.errors import UserError, run_cli  # noqa: E402
 
 QUESTIONS = [
     "Tom has {a} apples and buys {b} more. How many apples does he have now?",
@@ -46,7 +47,7 @@ def load(model_path: str | None):
             tokenizer.pad_token = tokenizer.eos_token
         return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer, str(path)
     if model_path:
-        sys.exit(f"error: {model_path} holds no config.json (not a saved HF model)")
+        raise UserError(f"{model_path} holds no config.json (not a saved HF model): give a model dir or omit --model.")
     tokenizer = build_char_tokenizer()
     return build_tiny_model(tokenizer, hidden_size=128, num_layers=3), tokenizer, "random tiny Llama (eval.testing)"
 
@@ -115,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback

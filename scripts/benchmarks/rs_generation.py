@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 from eval.generation import generate  # noqa: E402
 from recipes.common.config import QLoRAModelConfig  # noqa: E402
+from recipes.common.errors import UserError, run_cli  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
 from recipes.rejection_sampling.loop import load_generation_model  # noqa: E402
 
@@ -38,7 +39,7 @@ def load_prompt_texts(prompts_dir: Path, tokenizer, num_prompts: int) -> list[st
     rows = [json.loads(line) for line in (prompts_dir / "train.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("task", "math") == "math"][:num_prompts]
     if len(rows) < num_prompts:
-        raise SystemExit(f"{prompts_dir}/train.jsonl has only {len(rows)} math prompts; lower --num_prompts.")
+        raise UserError(f"{prompts_dir}/train.jsonl has only {len(rows)} math prompts; lower --num_prompts.")
     return [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
 
 
@@ -116,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error prints `error: <message>` and exits 2, without a traceback

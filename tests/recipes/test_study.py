@@ -21,6 +21,7 @@ from test_dpo import make_sft_adapter  # noqa: E402
 
 from eval.compare import mean_interval, per_item_values  # noqa: E402
 from eval.data import read_jsonl, seeded_subset  # noqa: E402
+from recipes.common.errors import UserError  # noqa: E402
 from recipes.common.runs import load_local_runs as read_runs  # noqa: E402
 
 SEED = 1  # a training seed other than the data seed (0): it must not change which items are evaluated
@@ -214,13 +215,13 @@ def test_finished_runs_are_reused(study_report: tuple[Path, Path], capsys: pytes
 
 def test_unknown_method_is_refused(study_report: tuple[Path, Path]) -> None:
     _, out = study_report
-    with pytest.raises(SystemExit, match="unknown method"):
+    with pytest.raises(UserError, match="unknown method"):
         study_ppo_vs_dpo.main(["--study", str(out.parent / "study.yaml"), "--methods", "kto"])
 
 
 def test_bad_arguments_are_refused_before_any_run(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--jobs 0"):
+    with pytest.raises(UserError, match="--jobs 0"):
         study_ppo_vs_dpo.main(["--jobs", "0"])
-    with pytest.raises(SystemExit, match="no study file"):
+    with pytest.raises(UserError, match="no study file"):
         study_ppo_vs_dpo.main(["--study", str(tmp_path / "missing.yaml")])
     assert not list(tmp_path.iterdir())  # nothing written

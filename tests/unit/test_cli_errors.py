@@ -68,6 +68,10 @@ CASES = {
         [PYTHON, "-m", "eval", "--model", "{tmp}/not_a_model", "--tasks", "length"],
         "error: The model path '{tmp}/not_a_model' holds no config.json",
     ),
+    "study: unknown method": (
+        [PYTHON, str(REPO_ROOT / "scripts" / "study_ppo_vs_dpo.py"), "--methods", "kto", "--output_dir", "{tmp}/study"],
+        "error: unknown method(s) ['kto']",
+    ),
 }
 
 
