@@ -40,9 +40,9 @@ TABLE_COLUMNS = ["step", "task", "prompt", "completion", "reference", "score"]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The policy under DDP / DataParallel / torch.compile wrappers and TRL PPO's policy + value wrapper."""
+    """The policy under DDP / DataParallel / torch.compile wrappers and the PPO recipe's policy + value wrapper."""
     while True:
-        if hasattr(model, "policy") and hasattr(model, "value_model"):  # trl.experimental.ppo PolicyAndValueWrapper
+        if hasattr(model, "policy") and hasattr(model, "value"):  # recipes.ppo.trainer.PolicyAndValue
             model = model.policy
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

@@ -28,7 +28,11 @@ Public API (PPO, GRPO, rejection sampling and evaluation all use these; nothing 
     CombinedReward(helpfulness, safety=None, combination=None, safety_column=None, batch_size=16, text_as_chat=False)
         Callable `f(prompts, completions, **kwargs) -> list[float]` for GRPO's `reward_funcs` and rejection sampling.
     CombinedRewardModel(helpfulness_model, safety_model=None, combination=None, safety_tagger=None)
-        The `nn.Module` TRL 1.12's PPOTrainer accepts as `reward_model` (through `trl.experimental.utils.get_reward`).
+        The same on token ids, as an `nn.Module` (PPO): `module(input_ids, attention_mask).logits` (B, 1), or
+        `raw_scores(...)`, the parts before whitening (PPO whitens its whole rollout batch at once).
+    last_token_scores(model, input_ids, attention_mask) -> torch.Tensor
+        A sequence classifier's score at each row's last attended token, with positions counted from the first
+        attended one (left-padded prompts): how PPO reads an RM on its rollouts.
     load_combined_reward_model(helpfulness_path, safety_path, policy_tokenizer, combination=None, ...) -> module
         Loads both RMs, checks they share the policy's tokenizer, returns a `CombinedRewardModel`.
     PromptSafetyTags(prompt_token_ids)
@@ -48,7 +52,7 @@ RM's raw score: we use the raw score (exact; no clamping of probabilities near 0
 
 Whitening statistics: `whitening="batch"` uses the mean and standard deviation of the combined scores in each call,
 taken over every process's scores of that call when torch.distributed is initialized (GRPO splits one generation
-batch, and a prompt's group, across processes; PPO scores each rollout chunk on every process): all processes must
+batch, and a prompt's group, across processes; PPO whitens each whole rollout batch of every process): all processes must
 then call together, as the trainers do. `"fixed"` uses constant statistics, so one response gets the same reward
 whatever else is in its batch: the config's `reward_whitening_mean`/`reward_whitening_std`, or, when those are unset,
 the helpfulness RM's `score_mean`/`score_std` from its `rm_eval.json` (its scores on the chosen and rejected
@@ -510,6 +514,21 @@ def _last_token_scores(classifier: nn.Module, input_ids, attention_mask, positio
     return classifier.score(hidden[rows, last_index]).squeeze(-1).float()
 
 
+def _positions(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids counted from each row's first attended token, index of its last attended token)."""
+    mask = attention_mask.long()
+    return (mask.cumsum(1) - mask).clamp(min=0), mask.cumsum(1).argmax(1)
+
+
+@torch.no_grad()
+def last_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores (float32) of a sequence classifier (a PeftModel, a transformers `...ForSequenceClassification`, or
+    anything with a backbone and `score`) at each row's last attended token. Rows may be left-padded (PPO's prompts)
+    and right-padded (its responses): positions start at each row's first attended token, as in training."""
+    position_ids, last_index = _positions(attention_mask)
+    return _last_token_scores(_classifier(model), input_ids, attention_mask, position_ids, last_index)
+
+
 class PromptSafetyTags:
     """A `safety_tagger` for `CombinedRewardModel`: tags a row whose real tokens start with one of `prompt_token_ids`
     (the tokenized safety-relevant prompts, exactly as the policy's queries are tokenized)."""
@@ -527,23 +546,18 @@ class PromptSafetyTags:
 
 
 class CombinedRewardModel(nn.Module):
-    """Llama 2's combined reward as the `reward_model` of TRL 1.12's PPOTrainer.
-
-    PPOTrainer scores rollouts with `trl.experimental.utils.get_reward(model, query_responses, pad_id, context_len)`:
-    it calls `getattr(model, model.base_model_prefix)(input_ids=, attention_mask=, position_ids=, ...)`, applies
-    `model.score` to `hidden_states[-1]` and reads the result at each row's last response token. Here the "backbone"
-    runs both RMs (each reads its score at the row's last attended token, which is that same position), combines them
-    with `combine_rewards`, and returns the combined reward broadcast over all positions; `score` is the identity.
+    """Llama 2's combined reward on token ids, for PPO: both RMs read the policy's tokens (each at the row's last
+    attended token), `combine_rewards` picks and whitens. `forward(input_ids, attention_mask).logits` is the combined
+    reward per row, shaped like a classifier's `(batch, 1)`; `raw_scores` gives the parts before whitening, for a
+    caller that scores a batch in chunks and whitens it afterwards, as the PPO trainer does.
 
     Safety relevance: the module sees only token ids. Without `safety_tagger` the threshold rule alone applies
     (the safety score is used when sigmoid(r_s) < threshold). `safety_tagger(input_ids, attention_mask) -> BoolTensor`
     adds prompt tags, e.g. `PromptSafetyTags(tokenized unsafe prompts)`.
 
     The token ids are the policy's: every RM must use the policy's tokenizer (`load_combined_reward_model` checks).
-    After each call, `last` holds the raw scores, the gate and the reward, for logging.
+    After each forward, `last` holds the raw scores, the gate and the reward, for logging.
     """
-
-    base_model_prefix = "backbone"
 
     def __init__(
         self,
@@ -561,40 +575,28 @@ class CombinedRewardModel(nn.Module):
         self.requires_grad_(False)
 
     @torch.no_grad()
-    def backbone(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        **_: Any,
-    ) -> SimpleNamespace:
+    def raw_scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`helpfulness` (raw), and with a safety RM `safety` (raw) and `safety_gate`; `chosen`: the score the
+        combination whitens (the safety score where gated, else the helpfulness score)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.long()
-        if position_ids is None:
-            position_ids = (mask.cumsum(1) - mask).clamp(min=0)
-        last_index = mask.cumsum(1).argmax(1)  # the last attended position of each row
-        args = (input_ids, attention_mask, position_ids, last_index)
+        args = (input_ids, attention_mask, *_positions(attention_mask))
         helpful = _last_token_scores(_classifier(self.helpfulness), *args)
         if self.safety is None:
-            rewards = combine_rewards(helpful, combination=self.combination)
-            self.last = {"helpfulness": helpful, "reward": rewards}
-        else:
-            safe = _last_token_scores(_classifier(self.safety), *args)
-            tags = self.safety_tagger(input_ids, attention_mask) if self.safety_tagger is not None else None
-            rewards = combine_rewards(helpful, safe, tags, self.combination)
-            gate = safety_gate(safe, tags, self.combination.safety_threshold)
-            self.last = {"helpfulness": helpful, "safety": safe, "safety_gate": gate, "reward": rewards}
-        per_position = rewards[:, None, None].expand(-1, input_ids.shape[1], 1)
-        return SimpleNamespace(hidden_states=(per_position,), last_hidden_state=per_position)
+            return {"helpfulness": helpful, "chosen": helpful}
+        safe = _last_token_scores(_classifier(self.safety), *args)
+        tags = self.safety_tagger(input_ids, attention_mask) if self.safety_tagger is not None else None
+        gate = safety_gate(safe, tags, self.combination.safety_threshold)
+        return {"helpfulness": helpful, "safety": safe, "safety_gate": gate, "chosen": torch.where(gate, safe, helpful)}
 
-    def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """Combined reward per row, shaped like a classifier's logits `(batch, 1)`."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).hidden_states[-1]
-        return SimpleNamespace(logits=hidden[:, 0])
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> SimpleNamespace:
+        parts = self.raw_scores(input_ids, attention_mask)
+        rewards = whiten(parts.pop("chosen"), self.combination)
+        self.last = {**parts, "reward": rewards}
+        return SimpleNamespace(logits=rewards[:, None])
 
 
 def check_same_tokenizer(

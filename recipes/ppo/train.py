@@ -1,9 +1,10 @@
-"""PPO (RLHF) with QLoRA on TRL 1.12's `trl.experimental.ppo.PPOTrainer`, starting from the SFT output.
+"""PPO (RLHF) with QLoRA, starting from the SFT output, on the recipe's own trainer (recipes/ppo/trainer.py).
 
     accelerate launch recipes/ppo/train.py --config recipes/ppo/config.yaml [--key value ...]
 
-Reads top to bottom: parse config, check the output dir, load and tokenize the prompts (left-padded ids, as TRL's
-PPO wants), load policy (+ reference adapter), value model and reward, set up W&B and the evaluation callback,
+Reads top to bottom: parse config, check the output dir, load and tokenize the prompts (left-padded ids), load
+policy (+ reference adapter), value model and reward (on one shared base where they can be), set up W&B and the
+evaluation callback,
 evaluate the SFT policy, train (resuming from the last checkpoint of an interrupted run), evaluate, save the adapter.
 How policy, reference, value and reward are built: recipes/ppo/modeling.py and rewards.py; checkpoints and
 resume: recipes/ppo/trainer.py; the reasons: recipes/ppo/README.md.
@@ -14,14 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-try:
-    from trl.experimental.ppo import PPOConfig
-except ImportError as err:  # trl >= 1.13 removed PPOTrainer; say what to install instead of a bare ImportError
-    raise ImportError(
-        "The PPO recipe needs `trl.experimental.ppo.PPOTrainer`, which exists in trl 1.12 only (removed in 1.13). "
-        "Install it with `pip install 'trl>=1.12,<1.13'`."
-    ) from err
 
 from accelerate import PartialState
 
@@ -34,22 +27,22 @@ from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.reward import WhiteningMode, combination_for
 from recipes.common.tracking import init_wandb, run_location
+from recipes.ppo.config import PPOConfig, batch_plan
 from recipes.ppo.data import PPO_FORMATS, check_same_tokenizers, load_policy_tokenizer, select_prompts, tokenize_prompts
-from recipes.ppo.modeling import AdapterReference, load_policy, load_value_model, value_backbone, value_init_path
-from recipes.ppo.rewards import PPOReward, PromptTable, RewardSource, load_reward_models, reward_model_path
+from recipes.ppo.modeling import load_ppo_models, value_init_path
+from recipes.ppo.rewards import PPOReward, PromptTable, RewardSource, load_reward_models
 from recipes.ppo.trainer import (
-    ResumablePPOTrainer,
+    PPOTrainer,
     check_resumable,
     checkpoint_is_complete,
     final_metrics,
     last_complete_checkpoint,
-    planned_updates,
 )
 
 
 @dataclass
 class PPOScriptArguments:
-    """PPO options beyond TRL's `PPOConfig`, whose `reward_model_path` names the (helpfulness) reward model."""
+    """PPO options beyond `PPOConfig` (training), whose `reward_model_path` names the (helpfulness) reward model."""
 
     reward_source: RewardSource = field(
         default="math",
@@ -92,12 +85,19 @@ class PPOScriptArguments:
         default=False, metadata={"help": "Drop prompts with no room for response_length tokens instead of failing."}
     )
     eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the SFT policy at step 0."})
+    share_base: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the reference, the value model and reward models trained on the policy's base as adapters "
+            "on the policy's one (4-bit) base; false: a copy of the base each (more memory, same numbers)."
+        },
+    )
 
 
 CONFIG_TYPES = (RecipeArguments, PPOConfig, QLoRAModelConfig, PPOScriptArguments)
 
 
-def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
+def main(argv: list[str] | None = None) -> PPOTrainer:
     recipe_args, training_args, model_args, ppo_args = parse_config(CONFIG_TYPES, argv)
     check_options(ppo_args, training_args, model_args)
     resume_from = prepare_output_dir(
@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
     train_raw = take(train_raw, recipe_args.max_train_samples, training_args.seed)
     eval_raw = take(eval_raw, recipe_args.max_eval_samples, training_args.seed)
     tokenizer = load_policy_tokenizer(model_args, ppo_args.pad_token, chat=isinstance(train_raw[0]["prompt"], list))
-    models = {"value": value_init_path(model_args, training_args, ppo_args)}
+    value_source = value_init_path(model_args, training_args, ppo_args)
+    models = {"value": value_source}
     if ppo_args.reward_source == "reward_model":
-        models.update(helpfulness=reward_model_path(training_args), safety=ppo_args.safety_reward_model_path)
+        models.update(helpfulness=training_args.reward_model_path, safety=ppo_args.safety_reward_model_path)
     check_same_tokenizers(tokenizer, models)
     prompts = PromptTable()  # every prompt's token ids -> its row (answer, task), for the reward
     context = common_policy.context_length(model_args.model_name_or_path)
@@ -142,24 +143,22 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
         )
         for raw, split in ((train_raw, "train"), (eval_raw, "eval"))
     )
-
+    plan = batch_plan(training_args, len(train_dataset), PartialState().num_processes)
     if resume_from:  # a checkpoint of other batch settings fails here, before any model loads
-        check_resumable(resume_from, planned_updates(training_args, len(train_dataset), PartialState().num_processes))
+        check_resumable(resume_from, plan)
 
-    # Models: policy (+ reference adapter on the same base), value model, reward.
-    policy, reference_adapter = load_policy(model_args, gradient_checkpointing=training_args.gradient_checkpointing)
-    value_model = load_value_model(
-        value_init_path(model_args, training_args, ppo_args),
-        model_args,
-        gradient_checkpointing=training_args.gradient_checkpointing,
+    # Models: policy (+ reference adapter), value model and reward models, sharing one base where they can.
+    ppo_models = load_ppo_models(
+        model_args, value_source, ppo_args.share_base, gradient_checkpointing=training_args.gradient_checkpointing
     )
     reward = PPOReward(
         ppo_args.reward_source,
         tokenizer,
         prompts,
-        load_reward_models(tokenizer, prompts, training_args, ppo_args),
+        load_reward_models(tokenizer, prompts, training_args, ppo_args, model_args, ppo_models.shared),
         ppo_args.math_grading,
         ppo_args.math_partial_credit,
+        chunk_size=training_args.local_rollout_forward_batch_size,
     )
 
     callbacks = build_eval_callback(recipe_args, tokenizer, training_args.seed)
@@ -175,32 +174,29 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
         entity=recipe_args.wandb_entity,
         extra_tags=recipe_args.wandb_tags,
     )
-    trainer = ResumablePPOTrainer(
+    trainer = PPOTrainer(
         args=training_args,
+        models=ppo_models,
+        reward=reward,
         processing_class=tokenizer,
-        model=policy,
-        ref_model=AdapterReference(policy, reference_adapter),
-        reward_model=reward,
         train_dataset=train_dataset,
-        value_model=value_backbone(value_model),
         eval_dataset=eval_dataset,
         callbacks=callbacks,
-        value_peft_model=value_model,
+        value_base_name=common_policy.adapter_base(value_source) or value_source,
     )
-    # Callbacks (evaluation, W&B) get the policy, not TRL's policy+value wrapper, which cannot generate.
-    trainer.callback_handler.model = policy
+    shared = "shared base" if ppo_models.value.is_shared else "separate value model"
     print(
-        f"[ppo] process {training_args.process_index} of {training_args.world_size}: {describe_precision(policy)} "
-        f"policy, reward {ppo_args.reward_source}, {len(train_dataset)} prompts, {trainer.total_updates} updates of "
-        f"{training_args.batch_size} rollouts, output {training_args.output_dir}",
+        f"[ppo] process {training_args.process_index} of {training_args.world_size}: {describe_precision(ppo_models.policy)} "
+        f"policy ({shared}), reward {ppo_args.reward_source}, {len(train_dataset)} prompts, {plan.updates} updates "
+        f"of {plan.batch_size} rollouts, output {training_args.output_dir}",
         flush=True,
     )
     if resume_from:
         trainer.resume(resume_from)
-        print(f"[ppo] resumed from {resume_from} at update {trainer.resumed_state['global_step']}", flush=True)
+        print(f"[ppo] resumed from {resume_from} at update {trainer.state.global_step}", flush=True)
     elif ppo_args.eval_before_training:
         for callback in callbacks:  # the SFT policy at step 0: the "before" of the comparison
-            callback.evaluate(training_args, trainer.state, policy)
+            callback.evaluate(training_args, trainer.state, ppo_models.policy)
     trainer.train()
 
     # Save: the trained policy adapter (loads with PeftModel.from_pretrained on the base) and the tokenizer.
@@ -223,15 +219,15 @@ def main(argv: list[str] | None = None) -> ResumablePPOTrainer:
 
 
 def check_options(ppo_args: PPOScriptArguments, training_args: PPOConfig, model_args: QLoRAModelConfig) -> None:
-    if ppo_args.reward_source == "reward_model" and not reward_model_path(training_args):
+    if ppo_args.reward_source == "reward_model" and not training_args.reward_model_path:
         raise ConfigError("reward_source 'reward_model' needs `reward_model_path` (the reward recipe's output dir).")
     if ppo_args.reward_source == "reward_model":
-        combination_for(ppo_args, reward_model_path(training_args))  # fixed whitening's statistics, before any load
+        combination_for(ppo_args, training_args.reward_model_path)  # fixed whitening's statistics, before any load
     if not model_args.use_peft:
         raise ConfigError("The PPO recipe trains LoRA adapters (policy and value model): keep `use_peft: true`.")
     if training_args.stop_token is None and training_args.stop_token_id is None:
         print("[ppo] no stop_token: every response runs to response_length (set `stop_token: eos` to end at EOS)")
-    for path in (reward_model_path(training_args), ppo_args.safety_reward_model_path, ppo_args.value_model_path):
+    for path in (training_args.reward_model_path, ppo_args.safety_reward_model_path, ppo_args.value_model_path):
         if path and path.startswith((".", "/", "~", "outputs")) and not Path(path).expanduser().exists():
             raise ConfigError(
                 f"{path!r} does not exist. Train the reward model(s) first (recipes/reward/train.py with "

@@ -1,5 +1,6 @@
-"""Two processes over gloo on CPU: PPO runs DDP with both ranks (TRL's own peft reference path fails there) and
-writes a checkpoint that holds both ranks' RNG states and the value model."""
+"""Two processes over gloo on CPU: PPO runs DDP with both ranks (one policy + value graph per micro-batch, gradients
+all-reduced), whitens over both ranks' rollouts, and writes a checkpoint that holds both ranks' RNG states and the
+value model."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_ppo_two_process_gloo(demo_dir: Path, tmp_path: Path) -> None:
         str(REPO_ROOT / "recipes" / "ppo" / "train.py"),
         "--config", str(REPO_ROOT / "recipes" / "ppo" / "config.yaml"),
         # a full model (not an adapter): a fresh LoRA, the reference is the base with adapters off
-        "--model_name_or_path", str(demo_dir / "base"), "--reward_model_path", "EleutherAI/pythia-160m",
+        "--model_name_or_path", str(demo_dir / "base"),
         "--dataset_name", str(demo_dir / "data" / "prompts"),
         "--output_dir", str(output_dir),
         "--total_episodes", "16", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
@@ -45,3 +46,5 @@ def test_ppo_two_process_gloo(demo_dir: Path, tmp_path: Path) -> None:
     assert (output_dir / "adapter_model.safetensors").is_file()
     summary = json.loads((output_dir / "run_complete.json").read_text())
     assert summary["metrics"]["train/episode"] == 16
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 8

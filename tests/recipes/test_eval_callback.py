@@ -161,17 +161,15 @@ def test_bad_data_fails_at_construction(tmp_path: Path) -> None:
         EvalCallback(build_char_tokenizer(), ["gsm8k"], gsm8k_path=str(tmp_path / "none.jsonl"))
 
 
-def test_unwrap_finds_the_policy_inside_trl_ppo_wrapper() -> None:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-    from trl.experimental.ppo.ppo_trainer import PolicyAndValueWrapper
+def test_unwrap_finds_the_policy_inside_the_ppo_wrapper() -> None:
+    from peft import LoraConfig, get_peft_model
 
     from eval.callback import unwrap
+    from recipes.ppo.modeling import ScalarHead, SharedBase
+    from recipes.ppo.trainer import PolicyAndValue
 
     tokenizer = build_char_tokenizer()
-    policy = build_tiny_model(tokenizer)
-    value = LlamaForSequenceClassification(
-        LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                    num_attention_heads=2, num_labels=1)
-    )  # fmt: skip
-    assert unwrap(PolicyAndValueWrapper(policy, value)) is policy
+    policy = get_peft_model(build_tiny_model(tokenizer), LoraConfig(r=2, target_modules="all-linear"))
+    value = ScalarHead(torch.nn.Linear(64, 1), shared=SharedBase(policy), adapter="default")
+    assert unwrap(PolicyAndValue(policy, value)) is policy
     assert unwrap(policy) is policy

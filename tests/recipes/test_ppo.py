@@ -48,7 +48,7 @@ def ppo_args(demo_dir: Path, sft_dir: Path, rm_dir: Path, output_dir: Path, *ext
         "--local_rollout_forward_batch_size", "4", "--num_ppo_epochs", "1", "--response_length", "16",
         "--learning_rate", "1e-2", "--max_train_samples", "32", "--max_eval_samples", "8",
         "--per_device_eval_batch_size", "4", "--num_sample_generations", "1",
-        "--save_steps", "2", "--eval_steps", "4",
+        "--save_steps", "0.5", "--eval_steps", "4",  # a fraction of all updates: checkpoints at 2 and 4
         "--eval_tasks", "gsm8k", "--eval_num_samples", "4", "--eval_max_new_tokens", "16",
         *extra,
     ]  # fmt: skip
@@ -140,20 +140,30 @@ def test_resume_continues_at_the_right_step(
     ppo_run: tuple, demo_dir: Path, models: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """An interrupted run (checkpoint-2 of 4, plus a checkpoint-3 cut short while saving) resumes from
-    checkpoint-2, runs updates 3 and 4 only, and ends where the uninterrupted run ended, bit for bit."""
-    _, full_dir, _ = ppo_run
+    checkpoint-2, runs updates 3 and 4 only, saves where the uninterrupted run saved (save_steps 0.5 of all 4
+    updates: 4, not every update of the 2 left) and ends where the uninterrupted run ended, bit for bit."""
+    full_trainer, full_dir, _ = ppo_run
     output_dir = tmp_path / "run"
     shutil.copytree(full_dir / "checkpoint-2", output_dir / "checkpoint-2")
     (output_dir / "checkpoint-3").mkdir()  # a save that never finished: no trainer_state.json
 
     trainer = main(ppo_args(demo_dir, *models, output_dir))
-    assert trainer.resumed_state["global_step"] == 2
+    assert trainer.resumed_at == 2
     assert trainer.state.global_step == UPDATES
     assert [entry["step"] for entry in updates(trainer.state.log_history)] == list(range(1, UPDATES + 1))
+    assert not (output_dir / "checkpoint-3" / "trainer_state.json").exists()  # no save at 3
     state = json.loads((output_dir / f"checkpoint-{UPDATES}" / "trainer_state.json").read_text())
     assert state["global_step"] == UPDATES and state["episode"] == 4 * UPDATES
+    # the same log (training metrics, evaluations) at the same steps as the uninterrupted run
+    steps = lambda history: [(e["step"], sorted(k for k in e if k != "step")) for e in history]  # noqa: E731
+    assert steps(trainer.state.log_history) == steps(full_trainer.state.log_history)
+    for ours, theirs in zip(updates(trainer.state.log_history), updates(full_trainer.state.log_history)):
+        assert ours == theirs
     resumed = load_file(output_dir / "adapter_model.safetensors")
     uninterrupted = load_file(full_dir / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    value = f"checkpoint-{UPDATES}/value_model/adapter_model.safetensors"
+    resumed, uninterrupted = load_file(output_dir / value), load_file(full_dir / value)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
@@ -162,10 +172,11 @@ def test_resume_with_other_batch_settings_is_refused(
 ) -> None:
     _, full_dir, _ = ppo_run
     shutil.copytree(full_dir / "checkpoint-2", tmp_path / "run" / "checkpoint-2")
-    with pytest.raises(
-        ConfigError, match=f"belongs to a run of {UPDATES} PPO updates, this config gives {2 * UPDATES}"
-    ):
+    with pytest.raises(ConfigError, match=f"belongs to a run of {UPDATES} PPO updates of 4 rollouts, this config gives "
+                       f"{2 * UPDATES} of 4"):  # fmt: skip
         main(ppo_args(demo_dir, *models, tmp_path / "run", "--total_episodes", str(8 * UPDATES)))
+    with pytest.raises(ConfigError, match=f"this config gives {UPDATES // 2} of 8"):
+        main(ppo_args(demo_dir, *models, tmp_path / "run", "--per_device_train_batch_size", "8"))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2"]  # nothing written, nothing lost
 
 
@@ -175,3 +186,98 @@ def test_finished_run_is_not_overwritten(ppo_run: tuple, demo_dir: Path, models:
     with pytest.raises(OutputDirError, match="finished run"):
         main(ppo_args(demo_dir, *models, output_dir))
     assert (output_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_first_update_with_learning_rate_zero_leaves_the_policy_unchanged(
+    demo_dir: Path, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Before any step the policy is the reference (KL exactly 0) and the ratio p / p_old is 1; with lr 0 the
+    optimizer step moves nothing, so the saved adapter is the SFT adapter, bit for bit."""
+    output_dir = tmp_path / "run"
+    extra = ["--learning_rate", "0", "--total_episodes", "4", "--eval_tasks", "", "--num_sample_generations", "0",
+             "--report_to", "none", "--num_ppo_epochs", "2"]  # fmt: skip
+    trainer = main(ppo_args(demo_dir, *models, output_dir, *extra))
+    (logged,) = updates(trainer.state.log_history)
+    assert logged["objective/kl"] == 0.0 and logged["objective/non_score_reward"] == 0.0
+    assert logged["val/ratio"] == 1.0 and logged["policy/approxkl_avg"] == 0.0 and logged["policy/clipfrac_avg"] == 0
+    sft = load_file(models[0] / "adapter_model.safetensors")
+    trained = load_file(output_dir / "adapter_model.safetensors")
+    assert sorted(trained) == sorted(sft) and all(torch.equal(trained[k], sft[k]) for k in sft)
+
+
+def test_shared_base_scores_like_separate_models(demo_dir: Path, models: tuple[Path, Path], tmp_path: Path) -> None:
+    """Policy, reference, value model and two reward models on one 4-bit base give the numbers (float32) of the
+    same models loaded each on its own base, with a quarter of the 4-bit layers."""
+    from bitsandbytes.nn import Linear4bit
+
+    from recipes.common.config import parse_config
+    from recipes.common.reward import last_token_scores, load_reward_model
+    from recipes.ppo.modeling import load_ppo_models
+    from recipes.ppo.rewards import PromptTable, load_reward_models
+    from recipes.ppo.train import CONFIG_TYPES
+    from recipes.ppo.trainer import model_inputs
+
+    sft_dir, rm_dir = models
+    safety_dir = make_reward_model(demo_dir / "base", tmp_path / "rm-safety", seed=2)
+    argv = ppo_args(demo_dir, sft_dir, rm_dir, tmp_path / "out", "--reward_source", "reward_model",
+                    "--reward_model_path", str(rm_dir), "--safety_reward_model_path", str(safety_dir),
+                    "--reward_whitening", "none")  # fmt: skip
+    _, training_args, model_args, ppo_args_ = parse_config(CONFIG_TYPES, argv)
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q in ("What is 2+3?", "Tom has 3 apples.")]  # fmt: skip
+    queries = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    responses = tokenizer(["2+3=5\n#### 5</s>", "#### 3"], add_special_tokens=False, padding=True,
+                          padding_side="right", return_tensors="pt")  # fmt: skip
+    inputs = model_inputs(queries["input_ids"], queries["attention_mask"], responses["input_ids"],
+                          responses["attention_mask"])  # fmt: skip
+
+    numbers, layers = {}, {}
+    for share in (True, False):
+        ppo_args_.share_base = share
+        loaded = load_ppo_models(model_args, str(rm_dir), share, gradient_checkpointing=False)
+        rms = load_reward_models(tokenizer, PromptTable(), training_args, ppo_args_, model_args, loaded.shared)
+        with torch.no_grad():
+            numbers[share] = {
+                "policy": loaded.policy(input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2]).logits,
+                "values": loaded.value(*inputs) * inputs[1],
+                **rms.raw_scores(inputs[0], inputs[1]),
+            }
+            with loaded.shared.use(loaded.reference_adapter):
+                numbers[share]["reference"] = loaded.policy(
+                    input_ids=inputs[0], attention_mask=inputs[1], position_ids=inputs[2]
+                ).logits
+        modules = [loaded.policy, loaded.value, rms.helpfulness, rms.safety]
+        layers[share] = len({id(m) for model in modules for m in model.modules() if isinstance(m, Linear4bit)})
+        assert loaded.value.is_shared == share
+    for name, value in numbers[False].items():
+        torch.testing.assert_close(numbers[True][name].float(), value.float(), rtol=1e-5, atol=1e-5, msg=name)
+    assert layers[False] == 4 * layers[True]
+    # and the separately loaded RM is what the reward recipe's loader gives
+    separate, _ = load_reward_model(str(safety_dir))
+    torch.testing.assert_close(numbers[True]["safety"], last_token_scores(separate, inputs[0], inputs[1]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_a_few_updates_raise_the_demo_reward(demo_dir: Path, tmp_path: Path) -> None:
+    """From the demo's pretrained base (a fresh LoRA), on its math problems as raw text ("Question: ...\\nAnswer:"),
+    the GSM8K-grader reward rises within 8 updates of 16 rollouts: the base works problems out but often runs on
+    past the answer into another question; PPO learns to stop (measured: 0.31, 0.5 -> 0.8-1.0 over the last three)."""
+    data = tmp_path / "math"
+    data.mkdir()
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (demo_dir / "data" / "math" / f"{split}.jsonl").read_text().splitlines()]
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"prompt": f"Question: {row['question']}\nAnswer:", "answer": row["answer"]}) + "\n"
+            for row in rows[:128]
+        ))  # fmt: skip
+    trainer = main([
+        "--config", str(REPO_ROOT / "recipes" / "ppo" / "config.yaml"),
+        "--model_name_or_path", str(demo_dir / "base"), "--dataset_name", str(data),
+        "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--eval_tasks", "",
+        "--num_sample_generations", "0", "--save_strategy", "no",
+        "--total_episodes", "128", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
+    ])  # fmt: skip
+    rewards = [entry["reward/mean"] for entry in updates(trainer.state.log_history)]
+    assert len(rewards) == 8
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.25, rewards

@@ -10,7 +10,6 @@ import pytest
 import torch
 from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig, set_seed
-from trl.experimental.utils import get_reward
 
 from recipes.common.config import ConfigError
 from recipes.common.data import DataError
@@ -117,7 +116,7 @@ def test_reloaded_adapter_reproduces_scores(rm_run: tuple, demo_dir: Path) -> No
 
 
 def test_ppo_module_on_trained_rms(rm_run: tuple, demo_dir: Path) -> None:
-    """The trained 4-bit RM (twice: as helpfulness and as safety RM) through TRL's get_reward, as PPO calls it."""
+    """The trained 4-bit RM (twice: as helpfulness and as safety RM) on left-padded rollout ids, as PPO calls it."""
     trainer, output_dir, _ = rm_run
     tokenizer = trainer.processing_class
     pairs = eval_pairs(demo_dir).select(range(6))
@@ -130,7 +129,8 @@ def test_ppo_module_on_trained_rms(rm_run: tuple, demo_dir: Path) -> None:
         responses.append(reward_tokenize(tokenizer, prompt, chosen)[len(queries[-1]) :])
     pad, context, width = tokenizer.pad_token_id, max(map(len, queries)), max(map(len, responses))
     rows = [[pad] * (context - len(q)) + q + r + [pad] * (width - len(r)) for q, r in zip(queries, responses)]
-    _, rewards, _ = get_reward(module, torch.tensor(rows), pad, context)
+    input_ids = torch.tensor(rows)
+    rewards = module(input_ids=input_ids, attention_mask=(input_ids != pad).long()).logits[:, 0]
     assert rewards.shape == (6,) and torch.isfinite(rewards).all()
     raw = score(trainer.model, tokenizer, pairs["prompt"], pairs["chosen"])
     torch.testing.assert_close(module.last["helpfulness"], raw, rtol=1e-3, atol=1e-3)

@@ -1,4 +1,4 @@
-"""PPO recipe parts on a tiny in-memory model: the prompt stream, the reward module, the adapter reference."""
+"""PPO recipe parts on a tiny in-memory model: the prompt stream, the reward, the shared base's adapter switch."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorWithPadding
-from trl.experimental.utils import get_reward
 
 from eval.testing import build_char_tokenizer, build_tiny_model
-from recipes.ppo.modeling import POLICY_ADAPTER, REFERENCE_ADAPTER, AdapterReference
+from recipes.ppo.modeling import POLICY_ADAPTER, REFERENCE_ADAPTER, VALUE_ADAPTER, SharedBase
 from recipes.ppo.rewards import PPOReward, PromptTable
 from recipes.ppo.trainer import PromptBatches
 
@@ -71,78 +70,76 @@ def make_prompts(tokenizer) -> tuple[PromptTable, list[list[int]]]:
     return table, ids
 
 
-def rollout(tokenizer, prompt_ids: list[list[int]], responses: list[str]) -> tuple[torch.Tensor, int]:
-    """Left-padded queries + right-padded responses, as PPOTrainer hands them to `get_reward`."""
-    queries = DataCollatorWithPadding(tokenizer)([{"input_ids": ids} for ids in prompt_ids])["input_ids"]
+def rollout(tokenizer, prompt_ids: list[list[int]], responses: list[str]):
+    """Left-padded queries + right-padded responses with their masks, as the trainer hands them to the reward."""
+    batch = DataCollatorWithPadding(tokenizer)([{"input_ids": ids} for ids in prompt_ids])
     response_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in responses]
     width = max(len(r) for r in response_ids)
-    padded = [r + [tokenizer.pad_token_id] * (width - len(r)) for r in response_ids]
-    return torch.cat([queries, torch.tensor(padded)], dim=1), queries.shape[1]
+    padded = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in response_ids])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in response_ids])
+    return batch["input_ids"], batch["attention_mask"], padded, mask
 
 
 def test_math_reward_grades_each_response_against_its_prompt(tokenizer) -> None:
     table, prompt_ids = make_prompts(tokenizer)
     reward = PPOReward("math", tokenizer, table)
-    # EOS inside the prompt (end of the user turn) and at the end of a response must not confuse the split.
-    query_responses, context = rollout(tokenizer, prompt_ids, ["2+3=5\n#### 5</s>", "10-4=7\n#### 7"])
-    _, scores, _ = get_reward(reward, query_responses, tokenizer.pad_token_id, context)
+    # EOS inside the prompt (end of the user turn) and at the end of a response must not confuse the lookup.
+    scores = reward(*rollout(tokenizer, prompt_ids, ["2+3=5\n#### 5</s>", "10-4=7\n#### 7"]))
     assert scores.tolist() == [1.0, 0.0]
-    recorded = reward.pop_metrics()
-    assert recorded["scores"].tolist() == [1.0, 0.0]
-    assert recorded["has_eos"].tolist() == [1.0, 0.0]
-    assert recorded["lengths"].tolist() == [len("2+3=5\n#### 5") + 1, len("10-4=7\n#### 7")]
-    assert reward.pop_metrics() == {}  # popped
 
 
-def test_reward_model_source_reads_the_original_token_ids(tokenizer) -> None:
+def test_reward_model_source_reads_the_rollout_and_whitens_the_whole_batch(tokenizer) -> None:
+    from recipes.common.reward import CombinedRewardModel, RewardCombination
+
     table, prompt_ids = make_prompts(tokenizer)
-    seen = {}
+    seen = []
 
-    class LastTokenRM(torch.nn.Module):  # scores a sequence by its last real token id
+    class LastTokenRM(torch.nn.Module):  # scores a sequence by its last attended token id
         base_model_prefix = "backbone"
 
         def backbone(self, input_ids, attention_mask, **kwargs):
-            seen["input_ids"] = input_ids
-            hidden = input_ids.float()[:, :, None]
-            return type("Out", (), {"hidden_states": (hidden,)})
+            seen.append(input_ids)
+            return type("Out", (), {"last_hidden_state": input_ids.float()[:, :, None]})
 
         def score(self, hidden):
             return hidden
 
-    reward = PPOReward("reward_model", tokenizer, table, reward_model=LastTokenRM())
-    query_responses, context = rollout(tokenizer, prompt_ids, ["7", "89"])
-    _, scores, _ = get_reward(reward, query_responses, tokenizer.pad_token_id, context)
-    assert scores.tolist() == [float(tokenizer.convert_tokens_to_ids("7")), float(tokenizer.convert_tokens_to_ids("9"))]
-    # the inner RM saw exactly the rollout (pads zeroed by get_reward, as for any reward model)
-    pad = tokenizer.pad_token_id
-    assert torch.equal(seen["input_ids"], query_responses.masked_fill(query_responses == pad, 0))
+    rm = CombinedRewardModel(LastTokenRM(), combination=RewardCombination(whitening="batch"))
+    reward = PPOReward("reward_model", tokenizer, table, reward_model=rm, chunk_size=1)
+    queries, query_mask, responses, mask = rollout(tokenizer, prompt_ids * 2, ["7", "89", "5", "6"])
+    scores = reward(queries, query_mask, responses, mask)
+    raw = torch.tensor([float(tokenizer.convert_tokens_to_ids(c)) for c in "7956"])
+    # scored one row at a time (chunk_size 1), whitened over all four rows
+    torch.testing.assert_close(scores, (raw - raw.mean()) / (raw.std() + 1e-6))
+    torch.testing.assert_close(reward.last["helpfulness"], raw)
+    assert len(seen) == 4 and torch.equal(seen[0], torch.cat([queries, responses], 1)[:1])
 
 
 def test_unknown_prompt_is_an_error(tokenizer) -> None:
     table, _ = make_prompts(tokenizer)
     reward = PPOReward("math", tokenizer, table)
-    query_responses, context = rollout(
-        tokenizer, [tokenizer("not a prompt", add_special_tokens=False)["input_ids"]], ["5"]
-    )
     with pytest.raises(KeyError, match="not in the PPO prompt table"):
-        get_reward(reward, query_responses, tokenizer.pad_token_id, context)
+        reward(*rollout(tokenizer, [tokenizer("not a prompt", add_special_tokens=False)["input_ids"]], ["5"]))
 
 
-def test_adapter_reference_runs_the_reference_adapter_and_restores_training_state(tokenizer) -> None:
+def test_shared_base_switches_adapters_and_keeps_what_trains(tokenizer) -> None:
     base = build_tiny_model(tokenizer)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     policy = get_peft_model(base, config)  # "default": the trained adapter
-    policy.add_adapter(
-        REFERENCE_ADAPTER, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    )
-    policy.set_adapter(POLICY_ADAPTER)
+    for name in (REFERENCE_ADAPTER, VALUE_ADAPTER):
+        policy.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    shared = SharedBase(policy)
+    shared.set_trainable({POLICY_ADAPTER, VALUE_ADAPTER})
     policy.train()
     inputs = {"input_ids": torch.tensor([tokenizer("What is 2+3?")["input_ids"]])}
     trainable_before = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable_before and all(f".{POLICY_ADAPTER}." in n or f".{VALUE_ADAPTER}." in n for n in trainable_before)
 
     with torch.no_grad():
-        reference_logits = AdapterReference(policy, REFERENCE_ADAPTER)(**inputs).logits
-        base_logits = AdapterReference(policy, None)(**inputs).logits
+        with shared.use(REFERENCE_ADAPTER):
+            reference_logits = policy(**inputs).logits
+        with shared.use(None):
+            base_logits = policy(**inputs).logits
         policy_logits = policy(**inputs).logits
         policy.set_adapter(REFERENCE_ADAPTER)
         expected_reference = policy(**inputs).logits
@@ -153,7 +150,9 @@ def test_adapter_reference_runs_the_reference_adapter_and_restores_training_stat
     torch.testing.assert_close(reference_logits, expected_reference)
     torch.testing.assert_close(base_logits, expected_base)
     assert not torch.allclose(reference_logits, policy_logits)
-    assert policy.active_adapter == POLICY_ADAPTER
-    trainable_after = {name for name, p in policy.named_parameters() if p.requires_grad}
-    assert trainable_after == trainable_before and all(f".{POLICY_ADAPTER}." in n for n in trainable_after)
-    assert list(AdapterReference(policy, REFERENCE_ADAPTER).parameters()) == []  # holds no weights of its own
+    shared.set_trainable({POLICY_ADAPTER, VALUE_ADAPTER})  # peft's set_adapter above changed the flags
+    for adapter in (REFERENCE_ADAPTER, VALUE_ADAPTER, None):
+        with shared.use(adapter):
+            pass
+        assert policy.active_adapter == POLICY_ADAPTER
+        assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable_before

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,8 +48,6 @@ def run(model_dir: Path, data_dir: Path, output_dir: Path, *extra: str):
             "none",
             "--eval_tasks",
             "",
-            "--reward_model_path",
-            "EleutherAI/pythia-160m",  # TRL's placeholder: no reward model
             *extra,
         ]  # fmt: skip
     )
@@ -92,11 +88,22 @@ def test_value_model_with_another_tokenizer(model_dir: Path, tmp_path: Path) -> 
         run(model_dir, data, tmp_path / "out", "--value_model_path", str(tmp_path / "value"))
 
 
-def test_trl_without_ppo_trainer_says_which_trl_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)  # as in trl >= 1.13: the module is gone
-    monkeypatch.delitem(sys.modules, "recipes.ppo.train")
-    with pytest.raises(ImportError, match=r"trl>=1\.12,<1\.13"):
-        importlib.import_module("recipes.ppo.train")
+@pytest.mark.parametrize("key", ["kl_estimator", "sft_model_path", "ref_adapter_name"])
+def test_keys_of_trl_ppo_config_this_trainer_dropped_are_errors(model_dir: Path, tmp_path: Path, key: str) -> None:
+    config = tmp_path / "ppo.yaml"
+    config.write_text((REPO_ROOT / "recipes" / "ppo" / "config.yaml").read_text() + f"{key}: x\n")
+    data = write_prompts(tmp_path / "data", math_rows())
+    argv = ["--config", str(config), "--model_name_or_path", str(model_dir), "--dataset_name", str(data),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "none"]  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"Unknown arguments from config file.*{key}"):
+        main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_settings_out_of_range(model_dir: Path, tmp_path: Path) -> None:
+    data = write_prompts(tmp_path / "data", math_rows())
+    with pytest.raises(ConfigError, match="num_mini_batches=0"):
+        run(model_dir, data, tmp_path / "out", "--num_mini_batches", "0")
 
 
 def test_tokenizer_that_pads_with_eos(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Llama 2's combined reward: the gate, whitening, the GRPO callable and the PPO module through TRL's get_reward."""
+"""Llama 2's combined reward: the gate, whitening, the GRPO callable and the PPO module on rollout token ids."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
-from trl.experimental.utils import get_reward
 
 from recipes.common.reward import (
     CombinedReward,
@@ -19,6 +18,7 @@ from recipes.common.reward import (
     RewardModelError,
     check_same_tokenizer,
     combine_rewards,
+    last_token_scores,
     load_combined_reward_model,
     load_reward_model,
     reward_tokenize,
@@ -177,7 +177,7 @@ def test_grpo_callable(rm_dirs, tokenizer) -> None:
 
 
 def ppo_batch(tokenizer) -> tuple[torch.Tensor, int, list[list[int]]]:
-    """Left-padded queries + right-padded responses, as PPOTrainer builds `query_responses`."""
+    """Left-padded queries + right-padded responses, as the PPO trainer builds its rollouts."""
     pad = tokenizer.pad_token_id
     queries, responses = [], []
     for prompt, completion in zip(PROMPTS, COMPLETIONS):
@@ -191,18 +191,17 @@ def ppo_batch(tokenizer) -> tuple[torch.Tensor, int, list[list[int]]]:
     return torch.tensor(rows), context, queries
 
 
-def test_ppo_module_through_get_reward(rm_dirs, tokenizer) -> None:
+def test_ppo_module_on_rollout_ids(rm_dirs, tokenizer) -> None:
     threshold = split_threshold(rm_dirs[1])
     combination = RewardCombination(safety_threshold=threshold, whitening="batch")
     _, _, queries = ppo_batch(tokenizer)
     tagger = PromptSafetyTags([queries[1]])  # tags the rows whose prompt is the second prompt (rows 0 and 1)
     module = load_combined_reward_model(str(rm_dirs[0]), str(rm_dirs[1]), tokenizer, combination, tagger)
-    assert module.base_model_prefix == "backbone" and callable(module.score)
-    module = module.to("cpu")  # PPOTrainer moves its reward model to the device
-    query_responses, context, _ = ppo_batch(tokenizer)
-    logits, rewards, lengths = get_reward(module, query_responses, tokenizer.pad_token_id, context)
-    assert logits.shape == (*query_responses.shape, 1)
-    assert rewards.shape == (len(PROMPTS),)
+    query_responses, _, _ = ppo_batch(tokenizer)
+    mask = (query_responses != tokenizer.pad_token_id).long()
+    logits = module(input_ids=query_responses, attention_mask=mask).logits
+    assert logits.shape == (len(PROMPTS), 1)
+    rewards = logits[:, 0]
     # The same numbers as scoring the text and combining: the module reads each RM at the response's last token.
     helpful = score(*load_reward_model(str(rm_dirs[0])), PROMPTS, COMPLETIONS)
     safe = score(*load_reward_model(str(rm_dirs[1])), PROMPTS, COMPLETIONS)
@@ -211,16 +210,22 @@ def test_ppo_module_through_get_reward(rm_dirs, tokenizer) -> None:
     torch.testing.assert_close(module.last["safety"], safe, rtol=1e-4, atol=1e-4)
     assert module.last["safety_gate"].tolist() == safety_gate(safe, tags, threshold).tolist()
     torch.testing.assert_close(rewards, combine_rewards(helpful, safe, tags, combination), rtol=1e-4, atol=1e-4)
+    # raw_scores: the same parts, and the chosen score before whitening
+    parts = module.raw_scores(query_responses, mask)
+    torch.testing.assert_close(parts["chosen"], torch.where(parts["safety_gate"], safe, helpful), rtol=1e-4, atol=1e-4)
 
 
-def test_ppo_module_single_rm_matches_plain_get_reward(rm_dirs, tokenizer) -> None:
-    """With one RM and no whitening the module gives exactly what get_reward gives on that RM itself."""
+def test_ppo_module_single_rm_matches_the_rm_itself(rm_dirs, tokenizer) -> None:
+    """With one RM and no whitening the module gives exactly the RM's own last-token scores."""
     model, _ = load_reward_model(str(rm_dirs[0]))
     module = CombinedRewardModel(model, combination=RewardCombination(whitening="none"))
-    query_responses, context, _ = ppo_batch(tokenizer)
-    _, combined, _ = get_reward(module, query_responses, tokenizer.pad_token_id, context)
-    _, plain, _ = get_reward(model, query_responses, tokenizer.pad_token_id, context)
+    query_responses, _, _ = ppo_batch(tokenizer)
+    mask = (query_responses != tokenizer.pad_token_id).long()
+    combined = module(input_ids=query_responses, attention_mask=mask).logits[:, 0]
+    plain = last_token_scores(model, query_responses, mask)
     torch.testing.assert_close(combined, plain.float(), rtol=1e-5, atol=1e-5)
+    helpful = score(model, tokenizer, PROMPTS, COMPLETIONS)  # right-padded, positions from 0
+    torch.testing.assert_close(plain, helpful, rtol=1e-4, atol=1e-4)
 
 
 def test_different_tokenizers_are_refused(rm_dirs, tokenizer, tmp_path) -> None:
