@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Build the embedded demo: template datasets, a BPE tokenizer and a tiny Llama pretrained from scratch on CPU.
 
-    python scripts/prepare_demo.py [--output_dir outputs/demo] [--seed 0]
+    python scripts/prepare_demo.py [--output_dir outputs/demo] [--seed 0] [--data_only]
+
+`--data_only` writes the datasets alone (seconds, no model): what a pipeline on another model needs, such as
+scripts/real_model.sh; the data are the same files as in the full demo of that seed.
 
 The layout is documented in scripts/README.md. Nothing is downloaded. The run works in a temporary directory
 next to the output and renames it into place at the end, with `prepared.json` written last, so an interrupted
@@ -40,11 +43,12 @@ class PrepareError(UserError):
     """Something the user must fix; the message says what, where and how."""
 
 
-def arguments_record(seed: int) -> dict[str, Any]:
-    return {"seed": seed, "demo_version": DEMO_VERSION}
+def arguments_record(seed: int, data_only: bool = False) -> dict[str, Any]:
+    record = {"seed": seed, "demo_version": DEMO_VERSION}
+    return {**record, "data_only": True} if data_only else record
 
 
-def check_existing(output_dir: Path, seed: int) -> bool:
+def check_existing(output_dir: Path, seed: int, data_only: bool = False) -> bool:
     """True when `output_dir` already holds this demo; raises when it holds something else."""
     if not output_dir.exists():
         return False
@@ -63,9 +67,9 @@ def check_existing(output_dir: Path, seed: int) -> bool:
         recorded = json.loads(marker.read_text()).get("arguments")
     except (json.JSONDecodeError, AttributeError) as err:
         raise PrepareError(f"{marker} is not valid JSON ({err}). Remove {output_dir} yourself and run again.") from err
-    if recorded != arguments_record(seed):
+    if recorded != arguments_record(seed, data_only):
         raise PrepareError(
-            f"{output_dir} holds a demo prepared with {recorded}, not {arguments_record(seed)}. Pick another "
+            f"{output_dir} holds a demo prepared with {recorded}, not {arguments_record(seed, data_only)}. Pick another "
             "--output_dir, or remove that directory yourself and run again."
         )
     return True
@@ -100,8 +104,8 @@ def seed_everything(seed: int) -> None:
     torch.set_num_threads(TORCH_THREADS)
 
 
-def build(work_dir: Path, seed: int) -> dict[str, Any]:
-    """Everything into `work_dir`; returns the contents of prepared.json."""
+def build(work_dir: Path, seed: int, data_only: bool = False) -> dict[str, Any]:
+    """Everything (or only the data) into `work_dir`; returns the contents of prepared.json."""
     from demo import model as demo_model  # torch and transformers: only imported when there is work to do
     from transformers.utils import logging as hf_logging
 
@@ -120,6 +124,8 @@ def build(work_dir: Path, seed: int) -> dict[str, Any]:
     data = build_datasets(seed, DemoSizes())
     write_datasets(data, work_dir / "data")
     done("data", f"{sum(sum(s.values()) for n, s in data.sizes().items() if n != 'corpus')} rows")
+    if data_only:
+        return {"arguments": arguments_record(seed, data_only), "timings_s": timings, "dataset_sizes": data.sizes()}
 
     tokenizer = build_tokenizer(training_texts(data))
     done("tokenizer", f"byte-level BPE, {len(tokenizer)} tokens")
@@ -161,9 +167,9 @@ def build(work_dir: Path, seed: int) -> dict[str, Any]:
     }
 
 
-def prepare(output_dir: Path, seed: int) -> dict[str, Any] | None:
+def prepare(output_dir: Path, seed: int, data_only: bool = False) -> dict[str, Any] | None:
     """Build the demo at `output_dir`; None when it was already there."""
-    if check_existing(output_dir, seed):
+    if check_existing(output_dir, seed, data_only):
         print(f"demo already prepared at {output_dir}")
         return None
     started = time.perf_counter()
@@ -171,13 +177,13 @@ def prepare(output_dir: Path, seed: int) -> dict[str, Any] | None:
     work_dir = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     work_dir.mkdir()
     try:
-        record = build(work_dir, seed)
+        record = build(work_dir, seed, data_only)
         record["timings_s"]["total"] = round(time.perf_counter() - started, 2)
         (work_dir / "prepared.json").write_text(json.dumps(record, indent=2) + "\n")
         try:
             os.rename(work_dir, output_dir)  # atomic; also replaces an empty directory
         except OSError:
-            if check_existing(output_dir, seed):  # a concurrent run finished first: theirs is the same demo
+            if check_existing(output_dir, seed, data_only):  # a concurrent run finished first: theirs is the same demo
                 print(f"demo already prepared at {output_dir} (by another run)")
                 return None
             raise
@@ -188,6 +194,9 @@ def prepare(output_dir: Path, seed: int) -> dict[str, Any] | None:
 
 
 def summary(output_dir: Path, record: dict[str, Any]) -> str:
+    if record["arguments"].get("data_only"):
+        sizes = "; ".join(f"{name} {'/'.join(map(str, s.values()))}" for name, s in record["dataset_sizes"].items())
+        return f"demo data prepared at {output_dir / 'data'} ({sizes})"
     accuracy = ", ".join(f"{k} {v:.0%}" for k, v in record["base_gsm_accuracy"].items())
     sizes = "; ".join(f"{name} {'/'.join(map(str, s.values()))}" for name, s in record["dataset_sizes"].items())
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in record["timings_s"].items())
@@ -205,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_only", action="store_true", help="Write the datasets only (no tokenizer, no model).")
     args = parser.parse_args(argv)
     # A plain `kill` should clean up the temporary directory like Ctrl-C does (finally blocks run on SystemExit).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        record = prepare(args.output_dir, args.seed)
+        record = prepare(args.output_dir, args.seed, args.data_only)
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 REAL=outputs/real                      # scripts/studies/smollm2_135m.yaml points here
 MODEL="$REAL/smollm2-135m-instruct"    # what scripts/prepare_real_model.py writes
-DATA=outputs/demo/data                 # local data; real users point dataset_name at hub data instead
+DATA="$REAL/demo-data/data"            # the demo's datasets (local); real users point dataset_name at hub data
 LOGS=outputs/logs
 mkdir -p "$LOGS"
 t0=$(date +%s)
@@ -48,9 +48,8 @@ THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}"
 
 # prepare_real_model.py is idempotent (a converted model is checked and kept in a second), so it always runs.
 run_stage prepare "$REAL/.always-run" python scripts/prepare_real_model.py --output_dir "$MODEL"
-if [ ! -d "$DATA" ]; then  # the demo's data (and its tiny model, which is not used here): a few minutes, once
-  run_stage demo-data "$DATA/.always-run" python scripts/prepare_demo.py --output_dir "$(dirname "$DATA")"
-fi
+# The demo's datasets without its tiny model (seconds; the same files as outputs/demo/data). Idempotent too.
+run_stage demo-data "$DATA/.always-run" python scripts/prepare_demo.py --data_only --output_dir "$(dirname "$DATA")"
 
 # Overrides common to the CPU runs: packing needs a flash-attention kernel to keep packed samples apart (CPU has sdpa
 # only); gradient checkpointing saves memory a 135M model does not need and costs CPU time.

@@ -285,3 +285,16 @@ def test_prepared_base_model_loads_in_fp32_and_4bit(demo_dir: Path) -> None:
         loss_4bit = quantized(**inputs, labels=inputs["input_ids"]).loss
     assert torch.isfinite(loss_4bit) and abs(loss_4bit - loss_fp32) < 0.2 * loss_fp32
     assert sys.modules["demo"].__file__.startswith(str(REPO_ROOT / "scripts"))
+
+
+def test_data_only_writes_the_demos_datasets_without_a_model(tmp_path: Path, demo_dir: Path) -> None:
+    out = tmp_path / "data-only"
+    assert prepare_demo.main(["--output_dir", str(out), "--data_only"]) == 0
+    assert not (out / "base").exists()
+    written = sorted(p.relative_to(out / "data") for p in (out / "data").rglob("*.jsonl"))
+    assert written == sorted(p.relative_to(demo_dir / "data") for p in (demo_dir / "data").rglob("*.jsonl"))
+    for path in written:  # the same files as the full demo of that seed, byte for byte
+        assert (out / "data" / path).read_bytes() == (demo_dir / "data" / path).read_bytes(), path
+    assert prepare_demo.main(["--output_dir", str(out), "--data_only"]) == 0  # kept
+    with pytest.raises(prepare_demo.PrepareError, match="data_only"):  # never mistaken for a full demo
+        prepare_demo.check_existing(out, seed=0)
