@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,42 @@ def run(cmd: list[str], log_file: Path) -> None:
         )
 
 
+def expand(value: Any, study_dir: Path) -> Any:
+    """`{output_dir}` in a study value (a string, or inside lists and dicts) -> the study's output dir."""
+    if isinstance(value, str):
+        return value.replace("{output_dir}", str(study_dir))
+    if isinstance(value, list):
+        return [expand(v, study_dir) for v in value]
+    if isinstance(value, dict):
+        return {k: expand(v, study_dir) for k, v in value.items()}
+    return value
+
+
+def prepare(study: dict, study_dir: Path) -> None:
+    """The study's `prepare:` steps, in order, before the methods that name them (`after_prepare: true`): data or
+    models several methods share, such as one preference set and the reward model trained on it. A step is a
+    `command` (argv list) or a `recipe` launch (`config` + `overrides`); it is skipped when its `done` file exists."""
+    for name, step in study.get("prepare", {}).items():
+        step = expand(step, study_dir)
+        done = Path(step["done"])
+        if done.is_file():
+            log(f"prepare {name}: already done ({done.parent})")
+            continue
+        if "command" in step:
+            cmd = [sys.executable if part == "python" else str(part) for part in step["command"]]
+        else:
+            cmd = ["accelerate", "launch", f"recipes/{step['recipe']}/train.py", "--config", step["config"]]
+            for key, value in step.get("overrides", {}).items():
+                cmd += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+            cmd += ["--wandb_tags", f"study:{study['name']}"]
+        log(f"prepare {name}: running -> {done.parent}")
+        start = time.time()
+        run(cmd, study_dir / "logs" / f"prepare-{name}.log")
+        if not done.is_file():
+            raise SystemExit(f"[study] prepare {name} finished without writing {done} (see its log)")
+        log(f"prepare {name}: done in {time.time() - start:.0f}s")
+
+
 def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
     """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused)."""
     seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
@@ -94,7 +131,7 @@ def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
         log(f"{method} seed {seed}: already trained ({output_dir})")
         return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
     spec = study["methods"][method]
-    overrides = {**study.get("common_overrides", {}), **spec.get("overrides", {})}
+    overrides = expand({**study.get("common_overrides", {}), **spec.get("overrides", {})}, output_dir.parent)
     overrides.update(
         model_name_or_path=study["sft"], output_dir=str(output_dir), seed=seed, run_name=f"{study['name']}-{method}-s{seed}",
         wandb_group=study["name"], parent_run=study["sft"],
@@ -169,21 +206,30 @@ def training_signal(study: dict, method: str) -> str:
     config_file = REPO_ROOT / spec["config"]
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     config = {**(config or {}), **study.get("common_overrides", {}), **spec.get("overrides", {})}
+    study_dir = Path(study.get("output_dir", "."))
+    config = expand(config, study_dir)
     reward_models = " + ".join(
         str(config[key]) for key in ("reward_model_path", "safety_reward_model_path") if config.get(key)
     )
-    if method == "dpo":
+    # A reward model the study trains itself (a `prepare:` step): name the pairs it learned from.
+    for step in expand(study.get("prepare", {}), study_dir).values():
+        overrides = step.get("overrides", {})
+        if step.get("recipe") == "reward" and overrides.get("output_dir") == config.get("reward_model_path"):
+            reward_models += f", trained on preference pairs {overrides.get('dataset_name')}"
+    grader = "the GSM8K grader (verifiable-reward RL)"
+    kind = spec.get("recipe", method.split("_")[0] if method.startswith(("ppo", "dpo", "grpo")) else method)
+    if kind == "dpo":
         return f"preference pairs {config.get('dataset_name')}"
-    if method == "ppo":
-        return "the GSM8K grader" if config.get("reward_source", "math") == "math" else f"reward model {reward_models}"
-    if method == "grpo":
+    if kind == "ppo":
+        return grader if config.get("reward_source", "math") == "math" else f"reward model {reward_models}"
+    if kind == "grpo":
         functions = config.get("reward_functions", ["correctness", "format"])
-        parts = ["the GSM8K grader" for name in functions if name in ("correctness", "format")][:1]
+        parts = [grader for name in functions if name in ("correctness", "format")][:1]
         parts += [f"reward model {reward_models}" if name == "rm" else name for name in functions
                   if name not in ("correctness", "format")]  # fmt: skip
         return " + ".join(parts)
-    if method == "rejection_sampling":
-        return "the GSM8K grader" if config.get("scorer", "gsm8k") == "gsm8k" else f"reward model {reward_models}"
+    if kind == "rejection_sampling":
+        return grader if config.get("scorer", "gsm8k") == "gsm8k" else f"reward model {reward_models}"
     return "unspecified (set `signal:` for this method in the study YAML)"
 
 
@@ -216,28 +262,38 @@ def interval(difference: Difference) -> str:
     return f"95% CI [{difference.low:+.3g}, {difference.high:+.3g}]"
 
 
-def effects(items: dict[str, list[PerItem]], baseline_items: PerItem, signals: dict[str, str]) -> list[str]:
+def effects(
+    items: dict[str, list[PerItem]],
+    baseline_items: PerItem,
+    signals: dict[str, str],
+    comparisons: Sequence[tuple[str, str]] = (("ppo", "dpo"),),
+) -> list[str]:
     """Which published effects the per-item results reproduce: "reproduced" only when the 95% interval of the
     difference excludes 0 in the published direction, "not reproduced" when it excludes 0 the other way,
     "inconclusive" otherwise."""
     lines = []
     gsm = "eval/gsm8k/exact_match_flexible"
-    pair = aligned(items["ppo"], items["dpo"], gsm) if "ppo" in items and "dpo" in items else None
-    if pair is not None:
+    for ppo, dpo in comparisons:
+        pair = aligned(items[ppo], items[dpo], gsm) if ppo in items and dpo in items else None
+        if pair is None:
+            continue
         gap = paired_bootstrap(*pair)
         outcome = verdict(gap, +1)
-        caveat = ""
-        if signals.get("ppo") != signals.get("dpo"):
+        if signals.get(ppo) == signals.get(dpo) or signals.get(ppo, "").endswith(f"on {signals.get(dpo)}"):
+            setting = f"same preference data: {signals.get(dpo)}"
+            caveat = ""
+        else:
             outcome += ", with different training signals"
+            setting = "different training signals"
             caveat = (
-                f" PPO learned from {signals.get('ppo')}, DPO from {signals.get('dpo')}; Ivison et al. 2024 trained "
+                f" {ppo} learned from {signals.get(ppo)}, {dpo} from {signals.get(dpo)}; Ivison et al. 2024 trained "
                 "both on the same preference data, so this gap compares training signals as much as algorithms."
             )
         lines.append(
-            f"- PPO >= DPO on math (Ivison et al. 2024: PPO 58.0 vs DPO 50.5 GSM8K, Tulu 2.5 13B): **{outcome}** — "
-            f"PPO {figure(gap.mean_a, gap.spread_a)} vs DPO {figure(gap.mean_b, gap.spread_b)} ({seeds_note(gap)}), "
-            f"gap {gap.mean:+.3f}, {interval(gap)} (paired bootstrap over {gap.items} problems"
-            f"{' and seeds' if max(gap.seeds_a, gap.seeds_b) > 1 else ''}).{caveat}"
+            f"- PPO >= DPO on math (Ivison et al. 2024: PPO 58.0 vs DPO 50.5 GSM8K, Tulu 2.5 13B), {ppo} vs {dpo} "
+            f"({setting}): **{outcome}** — {ppo} {figure(gap.mean_a, gap.spread_a)} vs {dpo} "
+            f"{figure(gap.mean_b, gap.spread_b)} ({seeds_note(gap)}), gap {gap.mean:+.3f}, {interval(gap)} (paired "
+            f"bootstrap over {gap.items} problems{' and seeds' if max(gap.seeds_a, gap.seeds_b) > 1 else ''}).{caveat}"
         )
     for key, name, paper, sign in (
         ("eval/length/mean_tokens", "Longer responses after RLHF", "Singhal et al. 2023: ~100 -> 230 tokens", 1),
@@ -388,6 +444,8 @@ def main(argv: list[str] | None = None) -> Path:
         raise UserError(f"no finished SFT run at {study['sft']}: run the SFT recipe first (bash scripts/demo.sh).")
     out = args.output_dir or Path(study["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    study["output_dir"] = str(out)  # what `{output_dir}` in the study's values stands for
+    comparisons = [tuple(pair) for pair in study.get("ppo_vs_dpo", [["ppo", "dpo"]])]
 
     CHILD_ENV.clear()
     CHILD_ENV.update(os.environ)
@@ -397,12 +455,17 @@ def main(argv: list[str] | None = None) -> Path:
         CHILD_ENV["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     def train_and_evaluate(method: str, seed: int) -> tuple[float, dict[str, float], PerItem]:
+        if prepared is not None and study["methods"][method].get("after_prepare"):
+            prepared.result()  # the shared data / reward model it trains on
         run_dir = out / f"{method}-seed{seed}"
         seconds = train(study, method, seed, run_dir)
         return seconds, *evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
 
     runs = [(method, seed) for method in methods for seed in seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a subprocess; threads only wait
+        # First in the queue, so a method waiting on it never holds a lane before it runs.
+        needs_prepare = any(study["methods"][m].get("after_prepare") for m in methods)
+        prepared = pool.submit(prepare, study, out) if needs_prepare else None
         # Longest first (the study lists them so), the short SFT evaluation last: the two lanes end together.
         jobs = [pool.submit(train_and_evaluate, method, seed) for method, seed in runs]
         # The SFT baseline: once, on the same items as every run (the data seed), whatever the training seeds.
@@ -419,7 +482,7 @@ def main(argv: list[str] | None = None) -> Path:
             table.setdefault(method, {}).setdefault(key, []).append(value)
     differences = differences_to_baseline(items, baseline_items)
     signals = {method: training_signal(study, method) for method in methods}
-    effect_lines = effects(items, baseline_items, signals)
+    effect_lines = effects(items, baseline_items, signals, comparisons)
     run_dirs = [Path(study["sft"])] + [out / f"{method}-seed{seed}" for method, seed in runs]
     summary = {
         "baseline": baseline,

@@ -43,12 +43,51 @@ def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path) -> dict:
         "seeds": [SEED],
         "load_in_4bit": True,
         "common_overrides": eval_overrides,
+        # Ivison et al.'s shared preference data, built by the study: the SFT policy's own samples, right vs wrong,
+        # and a reward model on them (as scripts/studies/demo.yaml, smaller).
+        "prepare": {
+            "math_pairs": {
+                "command": [
+                    "python",
+                    "scripts/preference_pairs.py",
+                    "--policy",
+                    str(sft_dir),
+                    "--prompts",
+                    str(data / "prompts"),
+                    "--num_prompts",
+                    "24",
+                    "--num_samples",
+                    "4",
+                    "--max_new_tokens",
+                    "24",
+                    "--output_dir",
+                    "{output_dir}/math_pairs",
+                ],  # fmt: skip
+                "done": "{output_dir}/math_pairs/pairs.json",
+            },
+            "math_reward": {
+                "recipe": "reward",
+                "config": "recipes/reward/config.yaml",
+                "overrides": {
+                    "model_name_or_path": str(demo_dir / "base"),
+                    "dataset_name": "{output_dir}/math_pairs",
+                    "output_dir": "{output_dir}/math_reward",
+                    "max_steps": 2,
+                    "eval_steps": 2,
+                    "save_steps": 2,
+                    "per_device_train_batch_size": 4,
+                    "report_to": ["none"],
+                },  # fmt: skip
+                "done": "{output_dir}/math_reward/run_complete.json",
+            },
+        },
         "methods": {
             "dpo": {
                 "config": "recipes/dpo/config.yaml",
                 "budget": "16 pairs",
+                "after_prepare": True,
                 "overrides": {
-                    "dataset_name": str(data / "preferences"),
+                    "dataset_name": "{output_dir}/math_pairs",
                     "max_steps": 4,
                     "per_device_train_batch_size": 4,
                     "max_train_samples": 16,
@@ -117,6 +156,13 @@ def test_report_compares_methods_with_figures_from_the_runs(study_report: tuple[
         assert flat["eval/length/mean_tokens"] > 0
         assert evaluated["config"]["seed"] == SEED and evaluated["config"]["data_seed"] == 0
     assert "| GSM8K accuracy |" in text and "| MMLU accuracy |" in text
+    # The prepared pairs: right vs wrong by the grader, what DPO trained on; the reward model trained on them.
+    pairs = read_jsonl(out / "math_pairs" / "train.jsonl")
+    assert pairs and all(p["rating"] == "significantly_better" for p in pairs)
+    assert json.loads((out / "math_pairs" / "pairs.json").read_text())["counts"]["pairs"] >= 2
+    assert (out / "math_reward" / "run_complete.json").is_file()
+    dpo_log = (out / "logs" / f"dpo-seed{SEED}.train.log").read_text()
+    assert str(out / "math_pairs") in text and "preference pairs" in text and dpo_log
     baseline = study_ppo_vs_dpo.flatten(json.loads((out / "sft.eval.json").read_text()))
     assert f"{baseline['eval/mmlu/accuracy']:.4g}" in text
 
@@ -161,7 +207,7 @@ def test_verdicts_follow_from_the_per_item_results(study_report: tuple[Path, Pat
         f"{v}, with different training signals" for v in ("reproduced", "not reproduced", "inconclusive")
     }
     assert "n=1 seed" in ppo_vs_dpo and "±" not in ppo_vs_dpo
-    assert "the GSM8K grader" in ppo_vs_dpo and "preference pairs" in ppo_vs_dpo
+    assert "the GSM8K grader (verifiable-reward RL)" in ppo_vs_dpo and "preference pairs" in ppo_vs_dpo
     gsm = "eval/gsm8k/exact_match_flexible"
     gap = differences["ppo"][gsm]["mean"] - differences["dpo"][gsm]["mean"]
     assert f"gap {gap:+.3f}" in ppo_vs_dpo
@@ -210,6 +256,7 @@ def test_finished_runs_are_reused(study_report: tuple[Path, Path], capsys: pytes
     study_ppo_vs_dpo.main(["--study", str(out.parent / "study.yaml"), "--jobs", "2"])
     printed = capsys.readouterr().out
     assert f"dpo seed {SEED}: already trained" in printed and f"ppo seed {SEED}: already trained" in printed
+    assert "prepare math_pairs: already done" in printed and "prepare math_reward: already done" in printed
     assert "evaluating" not in printed  # the evaluations (and the SFT baseline) are reused too
 
 

@@ -192,6 +192,41 @@ def test_signals_are_read_from_the_configs() -> None:
             "grpo": {"config": "recipes/grpo/config.yaml", "signal": "declared"},
         },
     }
-    assert study.training_signal(spec, "ppo") == "the GSM8K grader"
+    assert study.training_signal(spec, "ppo") == "the GSM8K grader (verifiable-reward RL)"
     assert study.training_signal(spec, "dpo") == "preference pairs pairs.jsonl"
     assert study.training_signal(spec, "grpo") == "declared"
+
+
+def test_ppo_on_a_reward_model_of_dpos_pairs_is_the_same_data() -> None:
+    """Ivison et al.'s setup: DPO on pairs, PPO on a reward model the study trains on the same pairs (a `prepare:`
+    step). The signals are read from the steps and configs, and the verdict says the data is the same."""
+    spec = {
+        "name": "s",
+        "output_dir": "out/study",
+        "prepare": {
+            "pairs": {"command": ["python", "make_pairs.py"], "done": "{output_dir}/pairs/pairs.json"},
+            "rm": {
+                "recipe": "reward",
+                "config": "recipes/reward/config.yaml",
+                "overrides": {"dataset_name": "{output_dir}/pairs", "output_dir": "{output_dir}/rm"},
+                "done": "{output_dir}/rm/run_complete.json",
+            },
+        },
+        "methods": {
+            "ppo": {
+                "config": "recipes/ppo/config.yaml",
+                "overrides": {"reward_source": "reward_model", "reward_model_path": "{output_dir}/rm"},
+            },
+            "ppo_grader": {"config": "recipes/ppo/config.yaml"},
+            "dpo": {"config": "recipes/dpo/config.yaml", "overrides": {"dataset_name": "{output_dir}/pairs"}},
+        },
+    }
+    signals = {method: study.training_signal(spec, method) for method in spec["methods"]}
+    assert signals["dpo"] == "preference pairs out/study/pairs"
+    assert signals["ppo"] == "reward model out/study/rm, trained on preference pairs out/study/pairs"
+    assert signals["ppo_grader"] == "the GSM8K grader (verifiable-reward RL)"
+    items = {m: [run(gsm=correct(acc))] for m, acc in (("ppo", 0.6), ("ppo_grader", 0.7), ("dpo", 0.2))}
+    lines = study.effects(items, run(gsm=correct(0.2)), signals, [("ppo", "dpo"), ("ppo_grader", "dpo")])
+    fair, other = [text for text in lines if text.startswith("- PPO >= DPO")]
+    assert "ppo vs dpo (same preference data: preference pairs out/study/pairs): **reproduced**" in fair
+    assert "ppo_grader vs dpo (different training signals): **reproduced, with different training signals**" in other
