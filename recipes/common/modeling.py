@@ -112,8 +112,8 @@ def set_pad_token(
 ) -> None:
     """Make `tokenizer` pad with a token of its vocabulary other than EOS; the one place that decides.
 
-    Why not EOS: TRL's PPO treats every pad id as padding (EOS inside prompts and at the end of responses would
-    vanish), and a sequence classifier reads its score at the last non-pad token (the final EOS would be skipped).
+    Why not EOS: a sequence classifier reads its score at the last non-pad token (the final EOS would be skipped),
+    and any mask built as `ids != pad` would hide the EOS that ends a user turn inside a prompt.
     - `pad_token` (the user's choice) wins; it must be in the vocabulary (the unknown token counts) and not be EOS.
     - A tokenizer that already pads with another token keeps it: the SFT (or reward) recipe saves its choice with the
       tokenizer, so every later stage inherits it.

@@ -1,9 +1,9 @@
-"""PPO prompts and tokenizer: what TRL 1.12's `PPOTrainer` expects, checked before any model loads.
+"""PPO prompts and tokenizer: what the PPO trainer expects, checked before any model loads.
 
-`PPOTrainer` takes a dataset of `input_ids` only, pads each batch on the left with the tokenizer's pad token and
-treats every pad id as padding (attention mask = ids != pad). So:
-- the tokenizer pads on the left, and its pad token is not EOS (else EOS inside prompts and at the end of responses
-  would be masked away) and appears in no prompt;
+The trainer takes a dataset of `input_ids` only and pads each batch on the left with the tokenizer's pad token
+(`DataCollatorWithPadding`, which also gives the attention mask). So:
+- the tokenizer pads on the left, and its pad token is not EOS (a reward model reads its score at the last non-pad
+  token, and padding with EOS would hide the EOS at the end of a response) and appears in no prompt;
 - every prompt leaves room for `response_length` tokens in the model's context;
 - every reward/value model reads the policy's token ids unchanged, so they must share its tokenizer.
 """
@@ -74,7 +74,7 @@ def tokenize_prompts(
     drop_long_prompts: bool,
     where: str,
 ) -> Dataset:
-    """`input_ids` only (what PPOTrainer's collator pads); each prompt is also registered in `prompts`, with its
+    """`input_ids` only (what the trainer's collator pads); each prompt is also registered in `prompts`, with its
     row's other columns, for the reward."""
     if context_length is not None:
         limit = context_length - response_length + 1

@@ -4,10 +4,9 @@
 
 Reads top to bottom: parse config, check the output dir, load and tokenize the prompts (left-padded ids), load
 policy (+ reference adapter), value model and reward (on one shared base where they can be), set up W&B and the
-evaluation callback,
-evaluate the SFT policy, train (resuming from the last checkpoint of an interrupted run), evaluate, save the adapter.
-How policy, reference, value and reward are built: recipes/ppo/modeling.py and rewards.py; checkpoints and
-resume: recipes/ppo/trainer.py; the reasons: recipes/ppo/README.md.
+evaluation callback, evaluate the SFT policy, train (resuming from the last checkpoint of an interrupted run),
+evaluate, save the adapter. How the models are built: recipes/ppo/modeling.py and rewards.py; the PPO loop,
+checkpoints and resume: recipes/ppo/trainer.py (arithmetic: algorithm.py); the reasons: recipes/ppo/README.md.
 """
 
 from __future__ import annotations
