@@ -438,10 +438,15 @@ class PPOTrainer(Trainer):
 def check_resumable(checkpoint: str, plan: BatchPlan) -> None:
     """A checkpoint continues only the run it came from: same number of updates of the same batch size."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    if state["max_steps"] != plan.updates or state.get("train_batch_size") != plan.batch_size:
+    if "episode" not in state or state.get("train_batch_size") is None:
+        raise ConfigError(
+            f"Checkpoint {checkpoint} was not written by this PPO trainer (e.g. by TRL's PPOTrainer, whose optimizer "
+            "state does not fit this one): start in a new output_dir, or from its adapter as model_name_or_path."
+        )
+    if state["max_steps"] != plan.updates or state["train_batch_size"] != plan.batch_size:
         raise ConfigError(
             f"Checkpoint {checkpoint} belongs to a run of {state['max_steps']} PPO updates of "
-            f"{state.get('train_batch_size')} rollouts, this config gives {plan.updates} of {plan.batch_size}. Resume "
+            f"{state['train_batch_size']} rollouts, this config gives {plan.updates} of {plan.batch_size}. Resume "
             "with the same total_episodes / batch settings / number of processes, or use a new output_dir."
         )
 

@@ -156,3 +156,22 @@ def test_shared_base_switches_adapters_and_keeps_what_trains(tokenizer) -> None:
             pass
         assert policy.active_adapter == POLICY_ADAPTER
         assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable_before
+
+
+def test_checkpoints_of_other_runs_are_refused_before_models_load(tmp_path) -> None:
+    import json
+
+    from recipes.common.config import ConfigError
+    from recipes.ppo.config import BatchPlan
+    from recipes.ppo.trainer import check_resumable
+
+    plan = BatchPlan(local_batch_size=4, batch_size=8, local_mini_batch_size=4, updates=3)
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"max_steps": 3, "episode": 8, "train_batch_size": 8, "global_step": 1}))
+    check_resumable(str(tmp_path), plan)  # the same run: fine
+    state.write_text(json.dumps({"max_steps": 3, "episode": 8, "train_batch_size": 16, "global_step": 1}))
+    with pytest.raises(ConfigError, match="3 PPO updates of 16 rollouts, this config gives 3 of 8"):
+        check_resumable(str(tmp_path), plan)
+    state.write_text(json.dumps({"max_steps": 3, "episode": 8, "global_step": 1}))  # TRL's PPOTrainer state
+    with pytest.raises(ConfigError, match="not written by this PPO trainer"):
+        check_resumable(str(tmp_path), plan)
