@@ -105,3 +105,30 @@ def test_value_loss_clips_around_the_old_value() -> None:
     # token 0: V=1 vs clipped 0.2, R=0: max(1, 0.04) = 1; token 1: V=0.3 vs clipped 0.2, R=1: max(0.49, 0.64) = 0.64
     assert loss.item() == pytest.approx(0.5 * (1.0 + 0.64) / 2, abs=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def _whiten_on_rank(rank: int, port: int, values: torch.Tensor, mask: torch.Tensor, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        half = slice(rank * 2, rank * 2 + 2)  # rank 0 rows 0-1, rank 1 rows 2-3
+        results[rank] = ppo.masked_whiten(values[half], mask[half])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_masked_whiten_uses_the_whole_batch_of_every_process() -> None:
+    """Two processes, each holding half the rows: each half is whitened with the statistics of all four rows."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    values = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0], [10.0, 0.0, 0.0], [-2.0, 6.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_whiten_on_rank, args=(port, values, mask, results), nprocs=2, join=True)
+    together = torch.cat([results[0], results[1]])
+    torch.testing.assert_close(together, ppo.masked_whiten(values, mask), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(results[0], ppo.masked_whiten(values[:2], mask[:2]))  # not per process
