@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +28,25 @@ from recipes.common.runs import load_local_runs as read_runs  # noqa: E402
 SEED = 1  # a training seed other than the data seed (0): it must not change which items are evaluated
 
 
-def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path) -> dict:
+# The tests' SFT stand-in (a random LoRA on the base) never solves a chat-formatted problem, so the pairs are sampled
+# from the base itself with a chat template that renders the raw-text math format it was pretrained on.
+QA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}Question: {{ message['content'] }}\nAnswer:"
+    "{% endif %}{% endfor %}"
+)
+
+
+def qa_base(base_dir: Path, out_dir: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    shutil.copytree(base_dir, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer.chat_template = QA_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path, pairs_policy: Path) -> dict:
     data = demo_dir / "data"
     eval_overrides = {
         "eval_tasks": ["gsm8k", "length"],
@@ -51,15 +70,17 @@ def tiny_study(demo_dir: Path, sft_dir: Path, out_dir: Path) -> dict:
                     "python",
                     "scripts/preference_pairs.py",
                     "--policy",
-                    str(sft_dir),
+                    str(pairs_policy),
                     "--prompts",
                     str(data / "prompts"),
                     "--num_prompts",
-                    "24",
+                    "48",
                     "--num_samples",
                     "4",
                     "--max_new_tokens",
-                    "24",
+                    "48",
+                    "--temperature",
+                    "1.5",
                     "--output_dir",
                     "{output_dir}/math_pairs",
                 ],  # fmt: skip
@@ -134,7 +155,8 @@ def study_report(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     root = tmp_path_factory.mktemp("study")
     sft_dir = make_sft_adapter(demo_dir / "base", root / "sft")
     study_file = root / "study.yaml"
-    study_file.write_text(yaml.safe_dump(tiny_study(demo_dir, sft_dir, root / "study")))
+    pairs_policy = qa_base(demo_dir / "base", root / "qa-base")
+    study_file.write_text(yaml.safe_dump(tiny_study(demo_dir, sft_dir, root / "study", pairs_policy)))
     report = study_ppo_vs_dpo.main(["--study", str(study_file), "--jobs", "2"])
     return report, root / "study"
 

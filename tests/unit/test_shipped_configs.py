@@ -39,9 +39,18 @@ def test_accelerate_config_is_valid(path: Path) -> None:
 def test_study_config_parses_with_each_methods_recipe(path: Path, tmp_path: Path) -> None:
     """A study's method config plus its overrides is what the study launches: every key must be known."""
     study = yaml.safe_load(path.read_text())
-    for method, spec in study["methods"].items():
-        module = importlib.import_module(f"recipes.{method}.train")
-        overrides = {**study.get("common_overrides", {}), **spec.get("overrides", {})}
+    launches = {name: {**spec, "common": True} for name, spec in study["methods"].items()}
+    for name, step in study.get("prepare", {}).items():  # a step is a recipe launch or a command
+        if "recipe" in step:
+            launches[f"prepare-{name}"] = {**step, "common": False}
+        else:
+            assert (REPO_ROOT / step["command"][1]).is_file(), step["command"]
+            assert {"command", "done"} == set(step), step
+    for method, spec in launches.items():
+        # The recipe is the config's folder (a method's name may differ: ppo_grader runs recipes/ppo).
+        module = importlib.import_module(f"recipes.{Path(spec['config']).parent.name}.train")
+        common = study.get("common_overrides", {}) if spec["common"] else {}
+        overrides = {**common, **spec.get("overrides", {})}
         argv = [
             "--config",
             str(REPO_ROOT / spec["config"]),
