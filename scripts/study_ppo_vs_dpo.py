@@ -335,11 +335,12 @@ def effects(
             f"{m} {figure(c.mean_a, c.spread_a)} ({c.mean:+.3f}, {interval(c)})" for m, c in changes.items()
         )
         paper = "MMLU roughly unchanged by RLHF (GPT-4 report, Llama 2)"
-        if sft.low <= MMLU_CHANCE <= sft.high:
+        if sft.low <= MMLU_CHANCE:  # at or below chance (e.g. a model that always answers one letter)
+            where = "at chance" if sft.high >= MMLU_CHANCE else "below chance"
             lines.append(
-                f"- {paper}: **not testable (SFT at chance: {sft.mean:.3f} vs {MMLU_CHANCE})** — the SFT model's 95% "
-                f"interval [{sft.low:.3f}, {sft.high:.3f}] over {sft.items} questions includes chance, so an unchanged "
-                f"score says nothing about retained knowledge; " + parts + "."
+                f"- {paper}: **not testable (SFT {where}: {sft.mean:.3f} vs {MMLU_CHANCE})** — the SFT model's 95% "
+                f"interval [{sft.low:.3f}, {sft.high:.3f}] over {sft.items} questions is not above chance, so an "
+                f"unchanged score says nothing about retained knowledge; " + parts + "."
             )
         else:
             outcomes = {m: equivalence_verdict(c, MMLU_MARGIN) for m, c in changes.items()}

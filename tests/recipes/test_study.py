@@ -252,13 +252,13 @@ def test_verdicts_follow_from_the_per_item_results(study_report: tuple[Path, Pat
             reproduced += outcome == "reproduced"
             assert f"{change['mean']:+.3g}, 95% CI [{change['low']:+.3g}, {change['high']:+.3g}]: {outcome})" in line
         assert f"**reproduced by {reproduced} of 2 methods" in line and "n=1 seed" in line
-    # MMLU: "not testable" exactly when the SFT model's interval holds chance.
+    # MMLU: "not testable" exactly when the SFT model's interval is not above chance.
     sft_mmlu = per_item(out, "sft")["eval/mmlu/accuracy"]
     sft = mean_interval([[sft_mmlu[i] for i in sorted(sft_mmlu)]])
     mmlu_line = effect_line(text, "MMLU roughly unchanged")
-    at_chance = sft.low <= 0.25 <= sft.high
-    assert (f"**not testable (SFT at chance: {sft.mean:.3f} vs 0.25)**" in mmlu_line) == at_chance
-    assert ("**unchanged (95% CI within ±0.05)" in mmlu_line) == (not at_chance)
+    not_above_chance = sft.low <= 0.25
+    assert ("**not testable (SFT" in mmlu_line and f"{sft.mean:.3f} vs 0.25)**" in mmlu_line) == not_above_chance
+    assert ("**unchanged (95% CI within ±0.05)" in mmlu_line) == (not not_above_chance)
     # The table shows the same change and interval as the verdicts.
     ppo_gsm = differences["ppo"][gsm]
     assert f"({ppo_gsm['mean']:+.3g} [{ppo_gsm['low']:+.3g}, {ppo_gsm['high']:+.3g}])" in text

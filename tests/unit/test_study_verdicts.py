@@ -176,6 +176,14 @@ def test_mmlu_at_chance_is_not_testable() -> None:
     assert "**not testable (SFT at chance: 0.250 vs 0.25)**" in text
 
 
+def test_mmlu_below_chance_is_not_testable_either() -> None:
+    # A model that always answers one letter, which no sampled item has as its answer, scores 0: "unchanged" would
+    # say nothing about knowledge (SmolLM2-135M on 16 demo items, always "C").
+    items = {"ppo": [run(mmlu=correct(0.0))]}
+    text = line(study.effects(items, run(mmlu=correct(0.0)), SIGNALS_SAME), "MMLU")
+    assert "**not testable (SFT below chance: 0.000 vs 0.25)**" in text and "unchanged (95% CI" not in text
+
+
 def test_mmlu_above_chance_is_tested_for_no_change() -> None:
     items = {"ppo": [run(mmlu=correct(0.6))], "grpo": [run(mmlu=correct(0.3))]}
     text = line(study.effects(items, run(mmlu=correct(0.6)), SIGNALS_SAME), "MMLU")
