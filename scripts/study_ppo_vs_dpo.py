@@ -49,6 +49,8 @@ from recipes.common.errors import UserError, run_cli  # noqa: E402
 from recipes.common.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 
 DEFAULT_STUDY = REPO_ROOT / "scripts" / "studies" / "demo.yaml"
+STUDY_KEYS = {"name", "output_dir", "sft", "seeds", "load_in_4bit", "common_overrides", "methods", "eval", "prepare",
+              "ppo_vs_dpo", "overoptimization"}  # fmt: skip
 # Headline metrics of the report: (label, key in the eval JSON, higher is "more").
 HEADLINES = [
     ("GSM8K accuracy", "eval/gsm8k/exact_match_flexible"),
@@ -353,6 +355,95 @@ def effects(
     return lines
 
 
+def overoptimization_points(history: list[dict[str, float]], gold: str, proxy: str) -> list[dict[str, float]]:
+    """An RL run's (sqrt KL, gold, proxy) at each in-training evaluation, from its logged history: KL is the latest
+    `train/objective/kl` (per sequence, in nats, as best-of-N's) logged at or before that step, 0 at step 0 (the
+    policy is still the reference); the proxy is the latest `train/reward/mean` (the reward model on rollouts)."""
+    points, kl, reward = [], None, None
+    for row in sorted((r for r in history if "train/global_step" in r), key=lambda r: r["train/global_step"]):
+        kl, reward = row.get("train/objective/kl", kl), row.get("train/reward/mean", reward)
+        if gold not in row:
+            continue
+        step = row["train/global_step"]
+        if step == 0 or kl is not None:
+            x = 0.0 if step == 0 else max(kl, 0.0) ** 0.5  # a sampled KL estimate can dip below 0
+            points.append({"step": step, "sqrt_kl": x, "gold": row[gold], "proxy": None if step == 0 else reward})
+    return points
+
+
+def overoptimization(study: dict, out: Path, seeds: list[int]) -> list[str]:
+    """Gao et al. 2022's picture: the gold reward (the GSM8K grader) against sqrt(KL to the SFT policy) as a proxy
+    reward (a learned reward model) is optimized, for best-of-N (scripts/best_of_n.py, a `prepare:` step) and for the
+    RL runs' checkpoints (their in-training evaluations), with the proxy beside it. Draws overoptimization.png and
+    returns the report's lines (none when the study has no `overoptimization:` block)."""
+    spec = expand(study.get("overoptimization"), out)
+    if not spec:
+        return []
+    lines = ["## Overoptimization (Gao et al. 2022)", ""]
+    series: list[tuple[str, list[dict[str, float]]]] = []
+    best_of_n_file = Path(spec["best_of_n"])
+    if best_of_n_file.is_file():
+        rows = json.loads(best_of_n_file.read_text())["results"]
+        series.append(("best-of-N (SFT samples, T=1; gold of the proxy's pick)", rows))
+        lines.append(
+            "Best-of-N from the SFT policy (proxy picks, gold grades): "
+            + ", ".join(
+                f"N={r['n']}: sqrt(KL) {r['sqrt_kl']:.2f}, gold {r['gold']:.3f}, proxy {r['proxy']:.3g}" for r in rows
+            )  # fmt: skip
+            + "."
+        )
+    else:
+        lines.append(f"Best-of-N: not drawn ({best_of_n_file} missing).")
+    for method in spec.get("runs", []):
+        for seed in seeds:
+            try:
+                (run,) = load_local_runs([out / f"{method}-seed{seed}"])
+            except (CompareError, ValueError) as err:
+                lines.append(f"{method} seed {seed}: no logged run ({err}).")
+                continue
+            points = overoptimization_points(run.history, spec.get("gold", "eval/gsm8k/accuracy"), "train/reward/mean")
+            if points:
+                series.append((f"{method} seed {seed} (greedy GSM8K accuracy, in-training evaluation)", points))
+                lines.append(
+                    f"{method} seed {seed} checkpoints: "
+                    + ", ".join(
+                        f"step {p['step']:.0f}: sqrt(KL) {p['sqrt_kl']:.2f}, gold {p['gold']:.3f}"
+                        + (f", proxy {p['proxy']:.3g}" if p["proxy"] is not None else "")
+                        for p in points
+                    )  # fmt: skip
+                    + "."
+                )
+    if series:
+        from recipes.common.runs import _figure
+
+        fig = _figure(2, 1, (5.5, 4))
+        gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for i, (label, points) in enumerate(series):
+            xs = [p["sqrt_kl"] for p in points]
+            gold_ax.plot(xs, [p["gold"] for p in points], marker="o", markersize=3, color=f"C{i}", label=label)
+            with_proxy = [(p["sqrt_kl"], p["proxy"]) for p in points if p["proxy"] is not None]
+            if with_proxy:
+                proxy_ax.plot(*zip(*with_proxy), marker="o", markersize=3, color=f"C{i}", label=label)
+        gold_ax.set_title("gold reward: the GSM8K grader", fontsize=10)
+        proxy_ax.set_title(f"proxy reward: {spec.get('proxy_name', 'the reward model')}", fontsize=10)
+        for ax in (gold_ax, proxy_ax):
+            ax.set_xlabel("sqrt(KL to the SFT policy)  [sqrt(nats)]")
+            ax.grid(alpha=0.3)
+        gold_ax.legend(fontsize=7)
+        fig.savefig(out / "overoptimization.png", dpi=110)
+        lines += ["", "![gold and proxy reward against sqrt(KL)](overoptimization.png)"]
+    lines += [
+        "",
+        "Read it as Gao et al. do: as the policy moves away from SFT (sqrt(KL) grows), the proxy keeps rising; the gold "
+        "reward rises, then flattens or falls when the proxy is being exploited. Best-of-N's KL is the analytic "
+        "log N - (N-1)/N; an RL checkpoint's is its rollouts' summed per-token KL (the latest logged before that "
+        "evaluation). The two gold measures differ (best-of-N grades the proxy's pick among samples at T=1; the "
+        "checkpoints are graded greedily on the in-training evaluation problems), so compare shapes, not levels.",
+        "",
+    ]
+    return lines
+
+
 def write_report(
     study: dict,
     out: Path,
@@ -362,6 +453,7 @@ def write_report(
     seeds: list[int],
     differences: dict[str, dict[str, Difference]],
     effect_lines: list[str],
+    overoptimization_lines: Sequence[str] = (),
 ) -> Path:
     rows = ["| metric | SFT | " + " | ".join(table) + " |", "|---|---|" + "---|" * len(table)]
     for label, key in HEADLINES:
@@ -413,6 +505,7 @@ def write_report(
         "same items for both sides) and seeds drawn with replacement, so it holds question sampling and run-to-run "
         'variation; with one seed it holds question sampling only ("n=1 seed").',
         "",
+        *overoptimization_lines,
         "Curves and per-run tables: [comparison/report.md](comparison/report.md).",
     ]
     path = out / "report.md"
@@ -436,6 +529,9 @@ def main(argv: list[str] | None = None) -> Path:
             f"no study file {args.study}; shipped ones: {sorted(p.name for p in DEFAULT_STUDY.parent.glob('*.yaml'))}."
         )
     study = yaml.safe_load(args.study.read_text())
+    unknown_keys = sorted(set(study) - STUDY_KEYS)
+    if unknown_keys:
+        raise UserError(f"{args.study}: unknown key(s) {unknown_keys}; a study has {sorted(STUDY_KEYS)}.")
     seeds = args.seeds or study["seeds"]
     methods = args.methods or list(study["methods"])
     unknown = [m for m in methods if m not in study["methods"]]
@@ -495,7 +591,10 @@ def main(argv: list[str] | None = None) -> Path:
         "eval_data_seed": study["eval"].get("data_seed", 0),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    report = write_report(study, out, table, baseline, seconds, seeds, differences, effect_lines)
+    overoptimization_lines = overoptimization(study, out, seeds)
+    report = write_report(
+        study, out, table, baseline, seconds, seeds, differences, effect_lines, overoptimization_lines
+    )
     try:  # curves from the W&B runs the recipes logged
         compare_runs(load_local_runs(run_dirs), out / "comparison", baseline=None)
     except CompareError as err:

@@ -5,6 +5,7 @@ comparison of methods trained on different signals says so in its verdict."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -238,3 +239,36 @@ def test_ppo_on_a_reward_model_of_dpos_pairs_is_the_same_data() -> None:
     fair, other = [text for text in lines if text.startswith("- PPO >= DPO")]
     assert "ppo vs dpo (same preference data: preference pairs out/study/pairs): **reproduced**" in fair
     assert "ppo_grader vs dpo (different training signals): **reproduced, with different training signals**" in other
+
+
+# --- the overoptimization picture -----------------------------------------------------------------------------------
+
+
+def test_checkpoint_points_pair_each_evaluation_with_the_kl_logged_before_it() -> None:
+    history = [
+        {"train/global_step": 0, "eval/gsm8k/accuracy": 0.1},  # the SFT policy: KL 0, no proxy yet
+        {"train/global_step": 1, "train/objective/kl": 0.0, "train/reward/mean": 0.2},
+        {"train/global_step": 2, "train/objective/kl": 0.25, "train/reward/mean": 0.5},
+        {"train/global_step": 2, "eval/gsm8k/accuracy": 0.3},
+        {"train/global_step": 3, "train/objective/kl": -0.01, "train/reward/mean": 0.9},  # a noisy KL estimate
+        {"train/global_step": 4, "eval/gsm8k/accuracy": 0.2},
+    ]
+    points = study.overoptimization_points(history, "eval/gsm8k/accuracy", "train/reward/mean")
+    assert points == [
+        {"step": 0, "sqrt_kl": 0.0, "gold": 0.1, "proxy": None},
+        {"step": 2, "sqrt_kl": 0.5, "gold": 0.3, "proxy": 0.5},
+        {"step": 4, "sqrt_kl": 0.0, "gold": 0.2, "proxy": 0.9},
+    ]
+
+
+def test_overoptimization_section_reads_best_of_n_and_draws_the_figure(tmp_path: Path) -> None:
+    best = tmp_path / "best_of_n" / "best_of_n.json"
+    best.parent.mkdir()
+    rows = [{"n": 1, "sqrt_kl": 0.0, "gold": 0.2, "proxy": 0.1}, {"n": 4, "sqrt_kl": 1.1, "gold": 0.5, "proxy": 1.3}]
+    best.write_text(json.dumps({"results": rows}))
+    spec = {"overoptimization": {"best_of_n": "{output_dir}/best_of_n/best_of_n.json", "runs": []}}
+    lines = study.overoptimization(spec, tmp_path, seeds=[0])
+    text = "\n".join(lines)
+    assert "N=4: sqrt(KL) 1.10, gold 0.500, proxy 1.3" in text and "overoptimization.png" in text
+    assert (tmp_path / "overoptimization.png").stat().st_size > 0
+    assert study.overoptimization({}, tmp_path, seeds=[0]) == []  # no block, no section
