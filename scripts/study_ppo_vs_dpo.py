@@ -126,25 +126,34 @@ def prepare(study: dict, study_dir: Path) -> None:
         log(f"prepare {name}: done in {time.time() - start:.0f}s")
 
 
-def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
-    """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused)."""
-    seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
-    if (output_dir / "run_complete.json").is_file():
-        log(f"{method} seed {seed}: already trained ({output_dir})")
-        return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
+def recipe_of(spec: dict) -> str:
+    """The recipe a method runs: its config's folder (a method's name may differ: ppo_grader runs recipes/ppo)."""
+    return Path(spec["config"]).parent.name
+
+
+def launch_command(study: dict, method: str, seed: int, output_dir: Path) -> list[str]:
+    """`accelerate launch recipes/<recipe>/train.py --config ...` with the study's overrides for one run."""
     spec = study["methods"][method]
     overrides = expand({**study.get("common_overrides", {}), **spec.get("overrides", {})}, output_dir.parent)
     overrides.update(
         model_name_or_path=study["sft"], output_dir=str(output_dir), seed=seed, run_name=f"{study['name']}-{method}-s{seed}",
         wandb_group=study["name"], parent_run=study["sft"],
     )  # fmt: skip
-    cmd = ["accelerate", "launch", "recipes/" + method + "/train.py", "--config", spec["config"]]
+    cmd = ["accelerate", "launch", f"recipes/{recipe_of(spec)}/train.py", "--config", spec["config"]]
     for key, value in overrides.items():
         cmd += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
-    cmd += ["--wandb_tags", f"study:{study['name']}"]
+    return cmd + ["--wandb_tags", f"study:{study['name']}"]
+
+
+def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
+    """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused)."""
+    seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
+    if (output_dir / "run_complete.json").is_file():
+        log(f"{method} seed {seed}: already trained ({output_dir})")
+        return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
     log(f"{method} seed {seed}: training -> {output_dir}")
     start = time.time()
-    run(cmd, output_dir.parent / "logs" / f"{output_dir.name}.train.log")
+    run(launch_command(study, method, seed, output_dir), output_dir.parent / "logs" / f"{output_dir.name}.train.log")
     seconds = time.time() - start
     seconds_file.write_text(f"{seconds:.1f}\n")
     return seconds
@@ -219,7 +228,7 @@ def training_signal(study: dict, method: str) -> str:
         if step.get("recipe") == "reward" and overrides.get("output_dir") == config.get("reward_model_path"):
             reward_models += f", trained on preference pairs {overrides.get('dataset_name')}"
     grader = "the GSM8K grader (verifiable-reward RL)"
-    kind = spec.get("recipe", method.split("_")[0] if method.startswith(("ppo", "dpo", "grpo")) else method)
+    kind = recipe_of(spec)
     if kind == "dpo":
         return f"preference pairs {config.get('dataset_name')}"
     if kind == "ppo":

@@ -272,3 +272,16 @@ def test_overoptimization_section_reads_best_of_n_and_draws_the_figure(tmp_path:
     assert "N=4: sqrt(KL) 1.10, gold 0.500, proxy 1.3" in text and "overoptimization.png" in text
     assert (tmp_path / "overoptimization.png").stat().st_size > 0
     assert study.overoptimization({}, tmp_path, seeds=[0]) == []  # no block, no section
+
+
+def test_a_method_runs_its_configs_recipe_whatever_its_name(tmp_path: Path) -> None:
+    spec = {
+        "name": "s",
+        "sft": "outputs/demo/sft",
+        "common_overrides": {"eval_tasks": ["gsm8k"]},
+        "methods": {"ppo_grader": {"config": "recipes/ppo/config.yaml", "overrides": {"pairs": "{output_dir}/p"}}},
+    }
+    cmd = study.launch_command(spec, "ppo_grader", 1, tmp_path / "ppo_grader-seed1")
+    assert cmd[:5] == ["accelerate", "launch", "recipes/ppo/train.py", "--config", "recipes/ppo/config.yaml"]
+    assert cmd[cmd.index("--pairs") + 1] == f"{tmp_path}/p" and cmd[cmd.index("--seed") + 1] == "1"
+    assert cmd[cmd.index("--eval_tasks") + 1] == "gsm8k" and cmd[-2:] == ["--wandb_tags", "study:s"]
