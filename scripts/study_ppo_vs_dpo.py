@@ -367,10 +367,10 @@ def effects(
 def overoptimization_points(history: list[dict[str, float]], gold: str, proxy: str) -> list[dict[str, float]]:
     """An RL run's (sqrt KL, gold, proxy) at each in-training evaluation, from its logged history: KL is the latest
     `train/objective/kl` (per sequence, in nats, as best-of-N's) logged at or before that step, 0 at step 0 (the
-    policy is still the reference); the proxy is the latest `train/reward/mean` (the reward model on rollouts)."""
+    policy is still the reference); the proxy is the latest value of `proxy` (the reward model on rollouts)."""
     points, kl, reward = [], None, None
     for row in sorted((r for r in history if "train/global_step" in r), key=lambda r: r["train/global_step"]):
-        kl, reward = row.get("train/objective/kl", kl), row.get("train/reward/mean", reward)
+        kl, reward = row.get("train/objective/kl", kl), row.get(proxy, reward)
         if gold not in row:
             continue
         step = row["train/global_step"]
@@ -410,7 +410,10 @@ def overoptimization(study: dict, out: Path, seeds: list[int]) -> list[str]:
             except (CompareError, ValueError) as err:
                 lines.append(f"{method} seed {seed}: no logged run ({err}).")
                 continue
-            points = overoptimization_points(run.history, spec.get("gold", "eval/gsm8k/accuracy"), "train/reward/mean")
+            # The proxy on its own scale: the reward model's score before PPO's batch whitening, when logged.
+            proxy = "train/reward/rm_score_mean"
+            proxy = proxy if any(proxy in row for row in run.history) else "train/reward/mean"
+            points = overoptimization_points(run.history, spec.get("gold", "eval/gsm8k/accuracy"), proxy)
             if points:
                 series.append((f"{method} seed {seed} (greedy GSM8K accuracy, in-training evaluation)", points))
                 lines.append(

@@ -102,8 +102,9 @@ class PPOReward:
             for i in range(0, len(input_ids), self.chunk_size)
         ]
         parts = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
-        scores = whiten(parts.pop("chosen"), self.reward_model.combination)  # the whole batch, every process
-        self.last = parts
+        rm_scores = parts.pop("chosen")  # before whitening: the reward model's own scale, for the logs
+        scores = whiten(rm_scores, self.reward_model.combination)  # the whole batch, every process
+        self.last = {**parts, "rm_score": rm_scores}
         return scores.float()
 
     def _math_scores(self, queries, query_mask, responses, response_mask) -> torch.Tensor:

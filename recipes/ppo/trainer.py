@@ -354,7 +354,9 @@ class PPOTrainer(Trainer):
             "response/length_max": gathered["lengths"].max().item(),
             "response/eos_fraction": mean["has_eos"],
         }
-        for name in ("helpfulness", "safety", "safety_gate"):  # the combined RM's parts
+        # The reward model's score before whitening (reward/mean is what PPO optimized: whitened, mean ~0), and
+        # the combined RM's parts.
+        for name in ("rm_score", "helpfulness", "safety", "safety_gate"):
             if name in mean:
                 logs[f"reward/{name}_mean"] = mean[name]
         for name, values in stats.items():

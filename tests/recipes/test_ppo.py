@@ -253,6 +253,17 @@ def test_shared_base_scores_like_separate_models(demo_dir: Path, models: tuple[P
     for name, value in numbers[False].items():
         torch.testing.assert_close(numbers[True][name].float(), value.float(), rtol=1e-5, atol=1e-5, msg=name)
     assert layers[False] == 4 * layers[True]
+    # PPO's reward: whitened over the batch, and the RM's own score kept for the logs (reward/rm_score_mean)
+    from recipes.common.reward import RewardCombination
+    from recipes.ppo.rewards import PPOReward
+
+    rms.combination = RewardCombination(whitening="batch")
+    reward = PPOReward("reward_model", tokenizer, PromptTable(), rms)
+    query_mask = queries["attention_mask"]
+    scores = reward(queries["input_ids"], query_mask, responses["input_ids"], responses["attention_mask"])
+    combined = reward.last["rm_score"]
+    torch.testing.assert_close(scores, (combined - combined.mean()) / (combined.std() + 1e-8), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(combined, scores)  # the logged score is the RM's scale, not the whitened one
     # and the separately loaded RM is what the reward recipe's loader gives
     separate, _ = load_reward_model(str(safety_dir))
     torch.testing.assert_close(numbers[True]["safety"], last_token_scores(separate, inputs[0], inputs[1]),
