@@ -28,7 +28,7 @@ from recipes.dpo.reference_kl import ReferenceKLCallback
 
 # Explicit prompt (TRL's preference format), or implicit: the shared start of `chosen` and `rejected` conversations.
 DPO_FORMATS = [["prompt", "chosen", "rejected"], ["chosen", "rejected"]]
-# TRL 1.12 reads `label_smoothing` only in these losses; elsewhere it would be silently ignored.
+# TRL 1.16 reads `label_smoothing` only in these losses; elsewhere it would be silently ignored.
 SMOOTHED_LOSSES = {"robust", "exo_pair", "aot", "aot_unpaired"}
 
 
@@ -53,7 +53,7 @@ def check_loss_settings(args: DPOConfig) -> None:
     smoothed = SMOOTHED_LOSSES.intersection(args.loss_type)
     if args.label_smoothing and not smoothed:
         raise ConfigError(
-            f"label_smoothing={args.label_smoothing} has no effect with loss_type {args.loss_type} in TRL 1.12. For "
+            f"label_smoothing={args.label_smoothing} has no effect with loss_type {args.loss_type} in TRL 1.16. For "
             "DPO robust to flipped labels use `loss_type: robust` (label_smoothing = the flip probability, < 0.5)."
         )
     if "robust" in args.loss_type and not 0.0 <= args.label_smoothing < 0.5:
@@ -69,7 +69,7 @@ def with_prompt(dataset: Dataset) -> Dataset:
 
 
 def without_reference(dataset: Dataset) -> Dataset:
-    """Reference-free DPO: TRL 1.12 has no switch for it, but its precomputed-reference path with reference log-probs
+    """Reference-free DPO: TRL 1.16 has no switch for it, but its precomputed-reference path with reference log-probs
     of 0 computes exactly that loss (and the reference is never run)."""
     zeros = [0.0] * len(dataset)
     return dataset.add_column("ref_chosen_logps", zeros).add_column("ref_rejected_logps", zeros)

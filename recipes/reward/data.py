@@ -4,7 +4,7 @@
     dataset = prepare_pairs(dataset, "small", "rating", where="...")   # checked, with a `margin` column
     tokenized = tokenize_pairs(dataset, tokenizer, max_length)         # + chosen_ids / rejected_ids
 
-TRL 1.12's RewardTrainer reads an optional `margin` column: loss = -log sigmoid(r_chosen - r_rejected - margin).
+TRL 1.16's RewardTrainer reads an optional `margin` column: loss = -log sigmoid(r_chosen - r_rejected - margin).
 """
 
 from __future__ import annotations

@@ -133,7 +133,9 @@ def test_reference_is_the_sft_policy_without_a_second_model(demo_dir: Path, sft_
     assert set(built_in.model.peft_config) == {"default", "ref"} and built_in.ref_model is None
     loss, margins = first_batch_loss(built_in)
     explicit_ref = PeftModel.from_pretrained(load_model(model_args, model_name_or_path=str(demo_dir / "base")), sft_dir)
-    explicit_loss, explicit_margins = first_batch_loss(trainer(ref_model=explicit_ref.eval()))
+    # TRL >= 1.15 patches the reference's forward with its fused LM head (`add_fused_lm_head(ref_model)`), which needs
+    # the causal LM itself: pass the PeftModel's base model, which carries the injected LoRA layers (adapter active).
+    explicit_loss, explicit_margins = first_batch_loss(trainer(ref_model=explicit_ref.get_base_model().eval()))
     assert loss == pytest.approx(explicit_loss, abs=1e-4)
     assert margins == pytest.approx(explicit_margins, abs=1e-3)
     base_ref = load_model(model_args, model_name_or_path=str(demo_dir / "base"))

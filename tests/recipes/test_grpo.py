@@ -88,6 +88,14 @@ def test_metrics_logged_and_finite(grpo_run: tuple) -> None:
     assert any("eval/gsm8k/accuracy" in e for e in trainer.state.log_history)
 
 
+def as_text(logged) -> str:
+    """A prompt or completion of TRL's completions table: text, or (TRL >= 1.15, conversational data) the messages
+    themselves, which parquet reads back as an array of {role, content} records."""
+    if isinstance(logged, str):
+        return logged
+    return "\n".join(message["content"] for message in logged)
+
+
 def test_correctness_graded_the_logged_completions_against_their_references(grpo_run: tuple, demo_dir: Path) -> None:
     _, output_dir, graded = grpo_run
     tables = sorted((output_dir / "completions").glob("completions_*.parquet"))
@@ -101,8 +109,8 @@ def test_correctness_graded_the_logged_completions_against_their_references(grpo
     assert [c for c, _ in preflight][1::2] == ["I am not sure.", "I am not sure."]
     assert len(graded) == len(rows) == 3 * 8
     for prompt, completion in zip(rows["prompt"], rows["completion"]):
-        question = next(q for q in answers if q in prompt)
-        assert (completion, answers[question]) in graded
+        question = next(q for q in answers if q in as_text(prompt))
+        assert (as_text(completion), answers[question]) in graded
     for row_reward, (completion, reference) in zip(rows["correctness"], graded):
         assert row_reward == float(eval.gsm8k.grade(completion, reference))
 

@@ -122,6 +122,7 @@ def trl_loss(margins: list[float] | None) -> float:
         accelerator=SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
+        _tp_size=1,  # TRL >= 1.13: the token count is divided by the tensor-parallel size
     )
     return float(RewardTrainer.compute_loss(trainer, model, batch))
 
