@@ -36,7 +36,13 @@ from eval.data import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.config import QLoRAModelConfig  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
-from recipes.rejection_sampling.loop import build_scorer, hf_sampler, load_generation_model, load_prompts  # noqa: E402
+from recipes.rejection_sampling.loop import (  # noqa: E402
+    build_scorer,
+    hf_sampler,
+    load_generation_model,
+    load_prompts,
+    training_rows,
+)
 from recipes.rejection_sampling.selection import check_scores, select_pairs  # noqa: E402
 
 RATING = "significantly_better"  # a right final answer against a wrong one: Llama 2's strongest preference
@@ -86,19 +92,8 @@ def existing_build(out: Path, settings: dict) -> bool:
 
 
 def conversational_pairs(pairs: list[dict], prompts: dict[int, dict]) -> list[dict]:
-    def reply(text: str) -> list[dict[str, str]]:
-        return [{"role": "assistant", "content": text}]
-
-    return [
-        {
-            "prompt": prompts[p["prompt_id"]]["messages"],
-            "chosen": reply(p["chosen"]["completion"]),
-            "rejected": reply(p["rejected"]["completion"]),
-            "rating": RATING,
-            "task": "math",
-        }
-        for p in pairs
-    ]
+    """The rejection-sampling recipe's DPO rows (prompt, chosen, rejected), rated for the reward recipe's margin."""
+    return [{**row, "rating": RATING, "task": "math"} for row in training_rows("iterative_dpo", pairs, prompts)]
 
 
 def main(argv: list[str] | None = None) -> Path:
