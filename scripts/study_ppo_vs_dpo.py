@@ -426,9 +426,9 @@ def overoptimization(study: dict, out: Path, seeds: list[int]) -> list[str]:
                     + "."
                 )
     if series:
-        from recipes.common.runs import _figure
+        from recipes.common.runs import new_figure
 
-        fig = _figure(2, 1, (5.5, 4))
+        fig = new_figure(2, 1, (5.5, 4))
         gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         for i, (label, points) in enumerate(series):
             xs = [p["sqrt_kl"] for p in points]

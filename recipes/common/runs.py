@@ -636,7 +636,7 @@ def paired(run: RunData, x_key: str, y_key: str) -> tuple[list[float], list[floa
     return xs, ys
 
 
-def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6, 4)) -> Any:
+def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6, 4)) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -653,7 +653,7 @@ def plot_curves(runs: Sequence[RunData], metrics: Sequence[str], path: str | Pat
         return None, left_out
     ncols = min(3, len(shown))
     nrows = math.ceil(len(shown) / ncols)
-    fig = _figure(ncols, nrows, (5, 3.4))
+    fig = new_figure(ncols, nrows, (5, 3.4))
     for i, key in enumerate(shown):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for i_run, run in enumerate(runs):
@@ -677,7 +677,7 @@ def plot_pairs(runs: Sequence[RunData], x_key: str, y_key: str, path: str | Path
     series = [(color, run, xs, ys) for color, run, xs, ys in series if xs]
     if not series:
         return None
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for color, run, xs, ys in series:
         ax.plot(xs, ys, marker="o", markersize=3, alpha=0.8, color=color, label=run.label)
