@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from recipes.common.errors import run_cli
-from recipes.common.runs import (
+from eval.runs import (
     CompareError,
     compare_runs,
     filter_runs,

@@ -23,7 +23,7 @@ from recipes.common.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.common.modeling import ModelLoadError
 from recipes.common.outputs import OutputDirError
 from recipes.common.reward import RewardModelError
-from recipes.common.runs import CompareError
+from eval.runs import CompareError
 from recipes.grpo.rewards import RewardFunctionError
 from recipes.rejection_sampling.loop import RejectionSamplingError, RoundStateError
 from recipes.rejection_sampling.selection import ScorerError

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import wandb
 
-from recipes.common.runs import (
+from eval.runs import (
     CompareError,
     RunData,
     compare_runs,

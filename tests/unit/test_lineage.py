@@ -10,7 +10,7 @@ import pytest
 import wandb
 
 from recipes.common.outputs import mark_finished
-from recipes.common.runs import load_local_runs, runs_table
+from eval.runs import load_local_runs, runs_table
 from recipes.common.tracking import check_parent_runs, log_lineage, run_location
 
 
