@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -19,13 +18,7 @@ from transformers import (
 )
 
 from eval.data import EvalError, demo_hint
-
-# On CPUs with AVX512-BF16, importing bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community"
-# (an optional kernel fetched from the hub). That kernel only serves the packed layout `keep_4bit_weights_unpacked`
-# turns off, so the notice says nothing about these runs; set before bitsandbytes is first imported.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "kernels-community" not in record.getMessage()
-)
+from recipes.common.modeling import keep_4bit_weights_unpacked, set_pad_token
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -63,22 +56,6 @@ def quantization_config() -> BitsAndBytesConfig:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-
-
-def keep_4bit_weights_unpacked(model: torch.nn.Module) -> torch.nn.Module:
-    """Keep every bitsandbytes 4-bit layer of `model` on its one quantized layout, on every CPU.
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a 4-bit layer's weights for a faster kernel the first time
-    the layer runs in eval mode without grad, and keeps them packed. That packing fails for in_features that are not a
-    multiple of 64; it computes in bf16 (other logits than the training path's); and a packed layer passes no gradient
-    to its input afterwards (`bitsandbytes::gemv_4bit` has no autograd kernel), so QLoRA training that evaluates or
-    generates between steps (eval callbacks, PPO and GRPO rollouts) would silently lose the gradient through every
-    frozen base layer. Measured: tests/unit/test_4bit_cpu.py. Returns `model`.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
-            module.support_avx512bf16_for_cpu = False
-    return model
 
 
 def _adapter_base(adapter_dir: Path) -> str:
@@ -138,7 +115,6 @@ def load_model_and_tokenizer(
         ) from err
     if not load_in_4bit:
         loaded = loaded.to(device)
-    from recipes.common.modeling import set_pad_token  # the project's one padding policy (imported late: no cycle)
-
-    set_pad_token(tokenizer, name=tokenizer_source, eos_fallback=True)  # generation only: EOS will do if nothing else
+    # The project's one padding policy; generation only, so EOS will do if nothing else.
+    set_pad_token(tokenizer, name=tokenizer_source, eos_fallback=True)
     return loaded.eval(), tokenizer

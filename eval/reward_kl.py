@@ -91,7 +91,8 @@ def load_reward_model(
 ) -> RewardModel:
     """A reward model from a directory: a saved `AutoModelForSequenceClassification`, or a LoRA adapter (with its
     score head in `modules_to_save`) over the base named in its adapter_config.json."""
-    from eval.loading import check_model_source, keep_4bit_weights_unpacked, quantization_config, resolve_device
+    from eval.loading import check_model_source, quantization_config, resolve_device
+    from recipes.common.modeling import keep_4bit_weights_unpacked
 
     directory = Path(path).expanduser()
     adapter_config = directory / "adapter_config.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recipes.common.errors import run_cli
 from eval.runs import (
     CompareError,
     compare_runs,
@@ -25,6 +24,7 @@ from eval.runs import (
     log_comparison_to_wandb,
     parse_filters,
 )
+from recipes.common.errors import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

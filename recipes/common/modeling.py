@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,14 @@ from transformers import (
 )
 from trl import ModelConfig, get_quantization_config
 
-from eval.loading import keep_4bit_weights_unpacked
 from recipes.common.errors import UserError
+
+# On CPUs with AVX512-BF16, importing bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community"
+# (an optional kernel fetched from the hub). That kernel only serves the packed layout `keep_4bit_weights_unpacked`
+# turns off, so the notice says nothing about these runs; set before bitsandbytes is first imported.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
 
 
 class ModelLoadError(UserError):
@@ -35,6 +42,22 @@ def check_model_path(model_name_or_path: str | None) -> str:
         hint = " Run `python scripts/prepare_demo.py` first." if "outputs/demo" in model_name_or_path else ""
         raise ModelLoadError(f"Model path {model_name_or_path!r} has no config.json (not a saved HF model).{hint}")
     return model_name_or_path
+
+
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep every bitsandbytes 4-bit layer of `model` on its one quantized layout, on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49+) repacks a 4-bit layer's weights for a faster kernel the first time
+    the layer runs in eval mode without grad, and keeps them packed. That packing fails for in_features that are not a
+    multiple of 64; it computes in bf16 (other logits than the training path's); and a packed layer passes no gradient
+    to its input afterwards (`bitsandbytes::gemv_4bit` has no autograd kernel), so QLoRA training that evaluates or
+    generates between steps (eval callbacks, PPO and GRPO rollouts) would silently lose the gradient through every
+    frozen base layer. Measured: tests/unit/test_4bit_cpu.py. Returns `model`.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def check_4bit_supported(model_args: ModelConfig) -> None:

@@ -81,8 +81,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from eval.loading import keep_4bit_weights_unpacked
 from recipes.common.errors import UserError
+from recipes.common.modeling import keep_4bit_weights_unpacked
 
 SAFETY_THRESHOLD = 0.15  # Llama 2: precision 0.89 / recall 0.55 on unsafe responses of their eval set
 KL_BETA = {"7B": 0.01, "13B": 0.01, "34B": 0.005, "70B": 0.005}  # Llama 2's PPO KL coefficients (documentation)

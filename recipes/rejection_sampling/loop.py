@@ -302,8 +302,7 @@ def load_generation_model(model_args: Any, policy_path: str) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from eval.loading import keep_4bit_weights_unpacked
-    from recipes.common.modeling import check_model_path, quantization_kwargs
+    from recipes.common.modeling import check_model_path, keep_4bit_weights_unpacked, quantization_kwargs
     from recipes.common.policy import adapter_base
 
     base = adapter_base(policy_path)

@@ -29,8 +29,8 @@ from trl import SFTConfig, SFTTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
-from eval.loading import keep_4bit_weights_unpacked  # noqa: E402
 from recipes.common.errors import run_cli  # noqa: E402
+from recipes.common.modeling import keep_4bit_weights_unpacked  # noqa: E402
 from recipes.sft.train import main as sft_recipe  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from eval.loading import keep_4bit_weights_unpacked
+from recipes.common.modeling import keep_4bit_weights_unpacked
 
 from .math_problems import final_answer
 

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from eval.loading import keep_4bit_weights_unpacked
+from recipes.common.modeling import keep_4bit_weights_unpacked
 from recipes.common.outputs import OutputDirError
 from recipes.sft.train import main
 

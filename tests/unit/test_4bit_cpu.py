@@ -1,7 +1,7 @@
 """bitsandbytes' 4-bit CPU paths: the shapes every model we build must have, and one code path on every CPU.
 
 On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer for another kernel the first time it runs in eval
-mode without grad (see `eval.loading.keep_4bit_weights_unpacked`). These tests run that path where the CPU has the
+mode without grad (see `recipes.common.modeling.keep_4bit_weights_unpacked`). These tests run that path where the CPU has the
 feature; elsewhere the tests marked `packed_path` are skipped, saying so.
 """
 
@@ -134,7 +134,7 @@ def test_bitsandbytes_packs_on_this_cpu_unless_told_not_to(tiny_model_dir: Path)
     """The guard above is needed here: without it this CPU takes the packed path, which drops the input gradient."""
     import bitsandbytes as bnb
 
-    from eval.loading import keep_4bit_weights_unpacked
+    from recipes.common.modeling import keep_4bit_weights_unpacked
 
     def layer() -> bnb.nn.Linear4bit:
         torch.manual_seed(0)

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from eval.data import EvalError
+from eval.runs import CompareError
 from recipes.common.config import ConfigError
 from recipes.common.data import DataError
 from recipes.common.errors import USER_ERROR_EXIT_CODE, UserError
 from recipes.common.modeling import ModelLoadError
 from recipes.common.outputs import OutputDirError
 from recipes.common.reward import RewardModelError
-from eval.runs import CompareError
 from recipes.grpo.rewards import RewardFunctionError
 from recipes.rejection_sampling.loop import RejectionSamplingError, RoundStateError
 from recipes.rejection_sampling.selection import ScorerError

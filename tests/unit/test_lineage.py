@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import wandb
 
-from recipes.common.outputs import mark_finished
 from eval.runs import load_local_runs, runs_table
+from recipes.common.outputs import mark_finished
 from recipes.common.tracking import check_parent_runs, log_lineage, run_location
 
 
