@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.data import EvalError
-from eval.generation import model_device, score_token_ids
+from eval.generation import score_token_ids
+from recipes.common.modeling import default_chat_template, set_pad_token
+from recipes.common.reward import score
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 LINEAGE_FILE = "run_complete.json"  # recipes/common/outputs.py's marker: stage, start_model / parent_run
@@ -37,9 +38,9 @@ ADAPTER_OFF = "base"  # `--ref_model base`: the policy's base model, i.e. the po
 
 
 class RewardModel:
-    """A sequence-classification reward model as a `RewardFn`: scores each (prompt, completion) as one text, the
-    chat template's user + assistant turns when the tokenizer has one (how TRL's RewardTrainer saw conversational
-    data), else prompt + completion."""
+    """A sequence-classification reward model as a `RewardFn`: scores each (prompt, completion) exactly as training
+    and the RL recipes do (`recipes.common.reward.score`): the chat template's user + assistant turns when the
+    tokenizer has one (how TRL's RewardTrainer saw conversational data), else prompt + completion + EOS."""
 
     def __init__(
         self,
@@ -52,38 +53,18 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
-        from recipes.common.modeling import set_pad_token  # the project's one padding policy (late: no import cycle)
-
         set_pad_token(tokenizer)  # not EOS: the final EOS must not count as padding
         # Sequence classification reads the score at the last non-pad token, which it finds by the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    def format(self, prompt: str, completion: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt + completion
-
-    @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        texts = [self.format(p, c) for p, c in zip(prompts, completions, strict=True)]
-        device = model_device(self.model)
-        bos = self.tokenizer.bos_token
-        rewards: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            add_special = not (bos and chunk[0].startswith(bos))  # a rendered chat template carries its own BOS
-            batch = self.tokenizer(
-                chunk,
-                padding=True,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                add_special_tokens=add_special,
-                return_tensors="pt",
-            ).to(device)
-            logits = self.model(**batch).logits
-            rewards.extend(logits[:, 0].float().tolist())
-        return rewards
+        # The training path's tokenization (`recipes.common.reward.score`): the score is read where the RM was trained
+        # to put it, at the response's EOS, with no BOS the chat template did not render.
+        as_chat = bool(default_chat_template(self.tokenizer))
+        scores = score(
+            self.model, self.tokenizer, list(prompts), list(completions), self.batch_size, self.max_length, as_chat
+        )
+        return scores.tolist()
 
 
 def load_reward_model(
