@@ -36,47 +36,16 @@ from transformers import (
     TrainingArguments,
 )
 
-# Llama 2's annotation scale (Touvron et al. 2023, section 3.2.1), strongest first; Table 28's columns.
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+from recipes.common.reward import RATINGS, normalize_rating, score
+
+# Table 28's column labels, for `RATINGS` (the scale itself is the reward code's: recipes.common.reward).
 RATING_LABELS = {
     "significantly_better": "Significantly Better",
     "better": "Better",
     "slightly_better": "Slightly Better",
     "negligibly_better": "Negligibly Better / Unsure",
 }
-_ALIASES = {
-    "significantly_better": "significantly_better",
-    "much_better": "significantly_better",
-    "better": "better",
-    "slightly_better": "slightly_better",
-    "negligibly_better": "negligibly_better",
-    "negligibly_better_or_unsure": "negligibly_better",
-    "negligibly_better/unsure": "negligibly_better",
-    "negligibly_better_/_unsure": "negligibly_better",
-    "unsure": "negligibly_better",
-}
-# Integer ratings: the strength of the preference, 3 = significantly better ... 0 = negligibly better / unsure.
-_INT_RATINGS = {3: "significantly_better", 2: "better", 1: "slightly_better", 0: "negligibly_better"}
 PREFIX = "eval/rm"
-
-
-def normalize_rating(value: Any) -> str:
-    """One of `RATINGS` from a rating name (any case, spaces or hyphens for underscores, "unsure" for the last level)
-    or an integer strength 0-3 (3 = significantly better). Raises ValueError otherwise."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"rating {value!r} is not on the scale")
-    if isinstance(value, (int, float)) and float(value).is_integer() and int(value) in _INT_RATINGS:
-        return _INT_RATINGS[int(value)]
-    if isinstance(value, str):
-        key = value.strip().lower().replace("-", "_").replace(" ", "_")
-        if key.isdigit() and int(key) in _INT_RATINGS:
-            return _INT_RATINGS[int(key)]
-        if key in _ALIASES:
-            return _ALIASES[key]
-    raise ValueError(
-        f"rating {value!r} is not on Llama 2's scale: use one of {list(RATINGS)} (or an integer 0-3, "
-        "3 = significantly better)"
-    )
 
 
 def pairwise_metrics(
@@ -177,9 +146,7 @@ def evaluate_reward_model(
 ) -> dict[str, Any]:
     """Score every pair of `dataset` (columns chosen/rejected, optional prompt, rating, chosen_safe/rejected_safe)
     with the RM and return `pairwise_metrics` (+ `safety_threshold` when the dataset marks safe responses)."""
-    from recipes.common.reward import score  # the one scoring path: the same tokenization as training
-
-    start = time.perf_counter()
+    start = time.perf_counter()  # `score` is the one scoring path: the same tokenization as training
     columns = set(dataset.column_names)
     prompts = list(dataset["prompt"]) if "prompt" in columns else [None] * len(dataset)
     chosen_scores = score(model, tokenizer, prompts, list(dataset["chosen"]), batch_size=batch_size)

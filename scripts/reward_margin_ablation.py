@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `recipes` and `eval`
 
-from eval.reward_model import RATINGS, format_table, save_json  # noqa: E402
+from eval.reward_model import format_table, save_json  # noqa: E402
 from recipes.common.errors import run_cli  # noqa: E402
+from recipes.common.reward import RATINGS  # noqa: E402
 
 LLAMA2_TABLE_28 = (
     "Llama 2 (Table 28, helpfulness RM, Meta Helpful test set; avg over test sets: 62.5 / 63.0 / 62.9): the margin "

@@ -41,6 +41,9 @@ Public API (PPO, GRPO, rejection sampling and evaluation all use these; nothing 
         RewardModelError naming the model and what differs, when token ids would not mean the same thing.
     RewardModelError
         What went wrong, where, and how to fix it.
+    RATINGS, normalize_rating(value) -> str
+        Llama 2's preference-strength scale (strongest first) and a rating name or integer 0-3 mapped onto it: the
+        reward data's `rating` column and the margin loss in training, the per-rating accuracy in evaluation.
     SAFETY_THRESHOLD = 0.15, KL_BETA = {"7B": 0.01, "13B": 0.01, "34B": 0.005, "70B": 0.005}
         Llama 2's values (KL_BETA is documentation: the KL penalty belongs to the RL trainer).
 
@@ -93,6 +96,23 @@ RM_INFO_FILE = "reward_model.json"  # written by recipes/reward/train.py next to
 RM_EVAL_FILE = "rm_eval.json"  # the RM's final evaluation (recipes/reward/train.py): `final.score_mean`/`score_std`
 
 
+# Llama 2's annotation scale (Touvron et al. 2023, section 3.2.1), strongest first; Table 28's columns.
+RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+_ALIASES = {
+    "significantly_better": "significantly_better",
+    "much_better": "significantly_better",
+    "better": "better",
+    "slightly_better": "slightly_better",
+    "negligibly_better": "negligibly_better",
+    "negligibly_better_or_unsure": "negligibly_better",
+    "negligibly_better/unsure": "negligibly_better",
+    "negligibly_better_/_unsure": "negligibly_better",
+    "unsure": "negligibly_better",
+}
+# Integer ratings: the strength of the preference, 3 = significantly better ... 0 = negligibly better / unsure.
+_INT_RATINGS = {3: "significantly_better", 2: "better", 1: "slightly_better", 0: "negligibly_better"}
+
+
 class RewardModelError(UserError):
     """A reward-model problem the user must fix; the message says what, where and how."""
 
@@ -117,6 +137,25 @@ class RewardCombination:
             )
         if self.whitening == "fixed" and not self.whiten_std > 0:
             raise RewardModelError(f"whiten_std={self.whiten_std} must be > 0 for whitening='fixed'.")
+
+
+def normalize_rating(value: Any) -> str:
+    """One of `RATINGS` from a rating name (any case, spaces or hyphens for underscores, "unsure" for the last level)
+    or an integer strength 0-3 (3 = significantly better). Raises ValueError otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"rating {value!r} is not on the scale")
+    if isinstance(value, (int, float)) and float(value).is_integer() and int(value) in _INT_RATINGS:
+        return _INT_RATINGS[int(value)]
+    if isinstance(value, str):
+        key = value.strip().lower().replace("-", "_").replace(" ", "_")
+        if key.isdigit() and int(key) in _INT_RATINGS:
+            return _INT_RATINGS[int(key)]
+        if key in _ALIASES:
+            return _ALIASES[key]
+    raise ValueError(
+        f"rating {value!r} is not on Llama 2's scale: use one of {list(RATINGS)} (or an integer 0-3, "
+        "3 = significantly better)"
+    )
 
 
 def combination_for(config: Any, helpfulness_path: str | None) -> RewardCombination:

@@ -14,9 +14,8 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from eval.reward_model import RATINGS, normalize_rating
 from recipes.common.data import DataError
-from recipes.common.reward import reward_tokenize
+from recipes.common.reward import RATINGS, normalize_rating, reward_tokenize
 
 # Llama 2, Table 27: margin per rating (significantly better, better, slightly better, negligibly better / unsure).
 MARGIN_SETS: dict[str, dict[str, float] | None] = {

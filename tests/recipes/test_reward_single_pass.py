@@ -11,7 +11,8 @@ import pytest
 import torch
 from datasets import load_dataset
 
-from eval.reward_model import RATINGS, evaluate_reward_model
+from eval.reward_model import evaluate_reward_model
+from recipes.common.reward import RATINGS
 from recipes.reward.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

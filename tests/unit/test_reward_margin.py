@@ -12,8 +12,8 @@ from datasets import Dataset
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from eval.reward_model import RATINGS, normalize_rating
 from recipes.common.data import DataError
+from recipes.common.reward import RATINGS, normalize_rating
 from recipes.reward.data import MARGIN_SETS, prepare_pairs, rating_to_margin
 
 
