@@ -13,6 +13,10 @@ callback says so once and skips.
 
 Afterwards the model is back in train mode with `use_cache` and gradient checkpointing as they were, and the
 training random stream is untouched (sampling runs under `torch.random.fork_rng`).
+
+The recipes' hooks, from their `RecipeArguments` (`eval_tasks`, `eval_num_samples`, ...): `build_eval_callback` (the
+callback, or none when `eval_tasks` is empty) and `final_evaluation` (once on the trained model, reusing the
+callback's evaluation of the last step when there is one).
 """
 
 from __future__ import annotations
@@ -24,9 +28,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from eval.suite import (
+    evaluate_model,
     flatten_metrics,
     load_eval_data,
     normalize_reward_fns,
@@ -34,6 +46,7 @@ from eval.suite import (
     resolve_chat,
     run_tasks,
 )
+from recipes.common.config import RecipeArguments
 
 logger = logging.getLogger(__name__)
 TABLE_COLUMNS = ["step", "task", "prompt", "completion", "reference", "score"]
@@ -213,3 +226,45 @@ class EvalCallback(TrainerCallback):
             if rows:
                 payload[f"eval/samples_step_{step}"] = wandb.Table(columns=TABLE_COLUMNS, data=rows)
         wandb.run.log(payload)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipes' hooks
+
+
+def eval_settings(recipe_args: RecipeArguments, seed: int) -> dict[str, Any]:
+    return {
+        "tasks": [task for task in recipe_args.eval_tasks if task],  # `--eval_tasks ""` turns evaluation off
+        "gsm8k_path": recipe_args.eval_gsm8k_path,
+        "mmlu_dir": recipe_args.eval_mmlu_dir,
+        "num_samples": recipe_args.eval_num_samples,
+        "max_new_tokens": recipe_args.eval_max_new_tokens,
+        "batch_size": recipe_args.eval_batch_size,
+        "seed": seed,
+    }
+
+
+def build_eval_callback(
+    recipe_args: RecipeArguments, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> list[TrainerCallback]:
+    """The evaluation-suite callback, or none when `eval_tasks` is empty."""
+    settings = eval_settings(recipe_args, seed)
+    if not settings["tasks"]:
+        return []
+    return [EvalCallback(tokenizer=tokenizer, **settings)]
+
+
+def final_evaluation(recipe_args: RecipeArguments, trainer: Trainer, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Run the evaluation suite once on the trained model (main process), returning `eval/<task>/<metric>` values."""
+    settings = eval_settings(recipe_args, trainer.args.seed)
+    if not settings["tasks"] or not trainer.accelerator.is_main_process:
+        return {}
+    # The callback evaluates on the last step and at train end: reuse that instead of generating everything again.
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, EvalCallback) and callback.history:
+            last = callback.history[-1]
+            if last["step"] == trainer.state.global_step:
+                return {key: value for key, value in last.items() if key != "step"}
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return evaluate_model(model, tokenizer, **settings)

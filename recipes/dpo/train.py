@@ -16,10 +16,10 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt
 
+from eval.callback import build_eval_callback, final_evaluation
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
 from recipes.common.errors import run_cli
-from recipes.common.evaluation import build_eval_callback, final_evaluation
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.policy import check_prompt_lengths, load_policy, load_policy_tokenizer

@@ -17,11 +17,11 @@ from typing import Literal
 
 from accelerate import PartialState
 
+from eval.callback import build_eval_callback
 from recipes.common import policy as common_policy
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
 from recipes.common.errors import run_cli
-from recipes.common.evaluation import build_eval_callback
 from recipes.common.modeling import describe_precision
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.reward import WhiteningMode, combination_for

@@ -725,7 +725,7 @@ def evaluate_policy(
     """The evaluation suite (`eval_tasks`: GSM8K, MMLU, length, diversity) and the mean score of the policy's samples
     on held-out prompts (`eval/policy_reward/*`: the reward the rounds optimise, measured where they do not train)."""
     from eval import evaluate_model
-    from recipes.common.evaluation import eval_settings
+    from eval.callback import eval_settings
 
     metrics: dict[str, float] = {}
     settings = eval_settings(recipe_args, seed)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer, get_peft_config
 
+from eval.callback import build_eval_callback, final_evaluation
 from recipes.common.config import QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import load_train_eval, take
 from recipes.common.errors import run_cli
-from recipes.common.evaluation import build_eval_callback, final_evaluation
 from recipes.common.modeling import (
     describe_precision,
     load_model,

@@ -153,7 +153,7 @@ def test_demo_base_model_matches_prepare_demo_accuracy(demo_dir: Path, tmp_path:
 
 
 def test_evaluate_model_with_the_recipes_arguments(tmp_path: Path) -> None:
-    """The call recipes/common/evaluation.py makes at the end of training, and the names it gets back."""
+    """The call eval.callback.final_evaluation makes at the end of training, and the names it gets back."""
     from eval import evaluate_model
 
     (tmp_path / "math.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
