@@ -109,7 +109,9 @@ def parse_config(dataclass_types: Sequence[type], args: Sequence[str] | None = N
     # exit_on_error=False: a bad command-line value (e.g. a choice not among a Literal field's) is an ArgumentError
     # we turn into one ConfigError, instead of argparse's exit after pages of usage.
     parser = TrlParser(list(dataclass_types), exit_on_error=False)
-    if not torch.cuda.is_available():
+    # (Only for configs that have those fields: a recipe without a trainer config would get them back as an extra
+    # namespace.)
+    if not torch.cuda.is_available() and any("bf16" in getattr(t, "__dataclass_fields__", {}) for t in dataclass_types):
         parser.set_defaults(bf16=False, use_cpu=True)
     try:
         parsed = parser.parse_args_and_config(args=args)
