@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,8 @@ from eval.compare import (  # noqa: E402
     verdict,
 )
 from eval.data import read_jsonl  # noqa: E402
+from eval.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
-from recipes.common.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 
 DEFAULT_STUDY = REPO_ROOT / "scripts" / "studies" / "demo.yaml"
 STUDY_KEYS = {"name", "output_dir", "sft", "seeds", "load_in_4bit", "common_overrides", "methods", "eval", "prepare",
@@ -71,6 +72,7 @@ PerItem = dict[str, dict[int, float]]  # metric key -> {item: value}, one evalua
 
 
 CHILD_ENV: dict[str, str] = {}  # what every training and evaluation subprocess sees (set in main)
+EVAL_WORKERS: list[Executor] = []  # the evaluation worker processes (set in main); empty: one process per evaluation
 
 
 def log(message: str) -> None:
@@ -186,9 +188,32 @@ def evaluate(study: dict, model_dir: str, output_file: Path, seed: int) -> tuple
         if model_dir != study["sft"] and "reward" in settings["tasks"]:
             cmd += ["--ref_model", study["sft"]]  # KL to the policy every method started from
         log(f"evaluating {model_dir}")
-        run(cmd, output_file.with_suffix(".log"))
+        if EVAL_WORKERS:
+            log_file = output_file.with_suffix(".log")
+            code = EVAL_WORKERS[0].submit(evaluate_in_worker, cmd[3:], str(log_file)).result()
+            if code != 0:
+                tail = log_file.read_text().splitlines()[-40:]
+                raise SystemExit(
+                    f"[study] evaluation of {model_dir} failed; last lines of {log_file}:\n" + "\n".join(tail)
+                )
+        else:
+            run(cmd, output_file.with_suffix(".log"))
     payload = json.loads(output_file.read_text())
     return flatten(payload), per_item_values(read_jsonl(samples_file))
+
+
+def evaluate_in_worker(argv: list[str], log_file: str) -> int:
+    """`python -m eval <argv>` in an evaluation worker: that process imports the libraries once for all its runs."""
+    from eval.__main__ import main_logged  # in the worker only: the study process itself stays light
+
+    return main_logged(argv, log_file)
+
+
+def start_eval_worker(env: dict[str, str]) -> None:
+    """A worker process's setup: the study's environment (threads, W&B mode) and working directory."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO_ROOT)
 
 
 def stale_settings(payload: dict[str, Any], settings: dict[str, Any], seed: int) -> bool:
@@ -426,7 +451,7 @@ def overoptimization(study: dict, out: Path, seeds: list[int]) -> list[str]:
                     + "."
                 )
     if series:
-        from recipes.common.runs import new_figure
+        from eval.runs import new_figure
 
         fig = new_figure(2, 1, (5.5, 4))
         gold_ax, proxy_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -571,7 +596,13 @@ def main(argv: list[str] | None = None) -> Path:
         return seconds, *evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
 
     runs = [(method, seed) for method in methods for seed in seeds]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job is a subprocess; threads only wait
+    # Evaluations run in `--jobs` long-lived worker processes; trainings are recipe launches, as a user runs them.
+    eval_workers = ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_eval_worker,
+        initargs=(dict(CHILD_ENV),),
+    )  # fmt: skip
+    EVAL_WORKERS[:] = [eval_workers]
+    with eval_workers, ThreadPoolExecutor(max_workers=args.jobs) as pool:  # lanes: threads that wait on processes
         # First in the queue, so a method waiting on it never holds a lane before it runs.
         needs_prepare = any(study["methods"][m].get("after_prepare") for m in methods)
         prepared = pool.submit(prepare, study, out) if needs_prepare else None
@@ -581,6 +612,7 @@ def main(argv: list[str] | None = None) -> Path:
         baseline_job = pool.submit(evaluate, study, study["sft"], out / "sft.eval.json", BASELINE_SAMPLING_SEED)
         baseline, baseline_items = baseline_job.result()
         results = [job.result() for job in jobs]
+    EVAL_WORKERS.clear()
     table: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
     items: dict[str, list[PerItem]] = {}
