@@ -105,6 +105,7 @@ class EvalCallback(TrainerCallback):
         num_samples: int | None = 64,
         max_new_tokens: int = 128,
         seed: int = 0,
+        data_seed: int | None = None,
         eval_steps: int | None = None,
         gsm8k_chat: bool | None = None,
         num_fewshot: int = 5,
@@ -127,7 +128,7 @@ class EvalCallback(TrainerCallback):
             mmlu_dir=mmlu_dir,
             prompts_path=prompts_path,
             num_samples=num_samples,
-            seed=seed,
+            seed=seed if data_seed is None else data_seed,  # the subset; `seed` seeds the sampling
             chat=self.chat,
             num_fewshot=num_fewshot,
         )
@@ -241,6 +242,7 @@ def eval_settings(recipe_args: RecipeArguments, seed: int) -> dict[str, Any]:
         "max_new_tokens": recipe_args.eval_max_new_tokens,
         "batch_size": recipe_args.eval_batch_size,
         "seed": seed,
+        "data_seed": recipe_args.eval_data_seed,
     }
 
 

@@ -54,6 +54,13 @@ class RecipeArguments(ScriptArguments):
     eval_gsm8k_path: str | None = field(default=None, metadata={"help": "GSM8K-layout data for eval (jsonl or hub)."})
     eval_mmlu_dir: str | None = field(default=None, metadata={"help": "MMLU CSV directory (dev/ + test/) for eval."})
     eval_num_samples: int = field(default=64, metadata={"help": "Size of the fixed, seeded eval subset."})
+    eval_data_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed that picks the eval subset: the same items whatever the training `seed` (which seeds the "
+            "evaluation's sampling), so curves of several seeds are on the same questions."
+        },
+    )
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation limit for generative eval tasks."})
     eval_batch_size: int = field(
         default=64,

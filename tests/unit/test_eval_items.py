@@ -78,3 +78,25 @@ def test_per_item_figures_add_up_to_the_metrics(setup: dict[str, Path]) -> None:
     assert sum(s["correct"] for s in mmlu) / len(mmlu) == pytest.approx(results["mmlu"]["accuracy"])
     sampled = [s for s in samples if s["task"] == "sampled"]
     assert sum(s["n_tokens"] for s in sampled) / len(sampled) == pytest.approx(results["length"]["mean_tokens"])
+
+
+def test_training_seed_does_not_change_the_in_training_items(setup: dict[str, Path]) -> None:
+    """The recipes' evaluation callback: runs with training seeds 1 and 2 evaluate the same items (`eval_data_seed`)."""
+    from transformers import AutoTokenizer
+
+    from eval.callback import build_eval_callback
+    from recipes.common.config import RecipeArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+    args = RecipeArguments(
+        eval_tasks=["gsm8k", "mmlu"], eval_gsm8k_path=str(setup["root"] / "math"),
+        eval_mmlu_dir=str(setup["root"] / "mmlu"), eval_num_samples=4,
+    )  # fmt: skip
+    items = []
+    for seed in (1, 2):
+        (callback,) = build_eval_callback(args, tokenizer, seed=seed)
+        items.append((callback.data.gsm8k_items, callback.data.mmlu_items))
+    assert items[0] == items[1] and len(items[0][0]) == 4
+    # Another data seed picks other items (so the comparison above could fail).
+    (other,) = build_eval_callback(RecipeArguments(**{**vars(args), "eval_data_seed": 5}), tokenizer, seed=1)
+    assert other.data.gsm8k_items != items[0][0]
