@@ -6,6 +6,9 @@ set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 DEMO=outputs/demo  # the recipes' config.yaml files and scripts/studies/demo.yaml point here
 DEMO_SEED="${DEMO_SEED:-0}"  # seed of the demo data and of the base model's pretraining (prepare_demo.py --seed)
+# Training seeds of the study's runs: one by default (the 15-minute budget); "0 1 2" adds run-to-run variance to
+# every interval, at about 10 more minutes per seed on 2 cores (README, "What bash scripts/demo.sh runs").
+STUDY_SEEDS="${STUDY_SEEDS:-0}"
 LOGS="$(dirname "$DEMO")/logs"  # outside $DEMO: prepare_demo.py only writes into a new or finished dir
 mkdir -p "$LOGS"
 t0=$(date +%s)
@@ -47,8 +50,10 @@ done
 for pid in "${pids[@]}"; do wait "$pid" || { echo "[demo] a reward model failed (see above)" >&2; exit 1; }; done
 
 # DPO, PPO, GRPO and rejection sampling from the same SFT model, each evaluated the same way, and the report.
-OMP_NUM_THREADS="$THREADS" run_stage study "$DEMO/study/report.md" \
-  python scripts/study_ppo_vs_dpo.py --study scripts/studies/demo.yaml --seeds 0 --jobs 2 --output_dir "$DEMO/study"
+# Always run: finished runs and evaluations are reused, so a rerun (or one with more STUDY_SEEDS) trains only what is
+# missing and rewrites the report.
+OMP_NUM_THREADS="$THREADS" run_stage study "$DEMO/study/.always-run" \
+  python scripts/study_ppo_vs_dpo.py --study scripts/studies/demo.yaml --seeds $STUDY_SEEDS --jobs 2 --output_dir "$DEMO/study"
 
 echo "[demo] finished in $(( $(date +%s) - t0 ))s"
 python - "$DEMO" <<'PY'
