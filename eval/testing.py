@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (
@@ -68,3 +68,41 @@ def save_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def save_tiny_reward_model(output_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    """A tiny random reward model (a Llama with a one-output score head) and `tokenizer`, saved to load by path."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,  # 4-bit layers: in_features a multiple of 64 (tests/unit/test_4bit_cpu.py)
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def save_tiny_base_and_adapter(root: str | Path, seed: int) -> tuple[Path, Path]:
+    """`root/base` (the tiny model of `seed`) and `root/adapter`, a LoRA on q/v whose B weights are drawn away from 0,
+    as a trained adapter would be (the policy differs from its base), recording its base's path."""
+    from peft import LoraConfig, get_peft_model
+
+    root = Path(root)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer, seed=seed)
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    policy.peft_config["default"].base_model_name_or_path = str(root / "base")
+    policy.save_pretrained(root / "adapter")
+    return root / "base", root / "adapter"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from eval.__main__ import build_parser, main, run
 from eval.data import EvalError
-from eval.testing import build_char_tokenizer, build_tiny_model
+from eval.testing import build_char_tokenizer, build_tiny_model, save_tiny_base_and_adapter
 
 QUESTIONS = [
     {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
@@ -27,19 +27,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def base_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("lora")
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(tokenizer, seed=5)
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for name, param in policy.named_parameters():
-        if "lora_B" in name:  # a trained adapter: the policy moves away from its base
-            param.data.normal_(0, 0.5)
-    policy.peft_config["default"].base_model_name_or_path = str(root / "base")  # as a trained adapter records it
-    policy.save_pretrained(root / "adapter")
-    return root / "base", root / "adapter"
+    return save_tiny_base_and_adapter(tmp_path_factory.mktemp("lora"), seed=5)
 
 
 def test_cli_adapter_in_4bit_with_kl_and_wandb(

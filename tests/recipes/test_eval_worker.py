@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
 
 from eval.__main__ import main_logged
-from eval.testing import build_char_tokenizer, build_tiny_model
+from eval.testing import save_tiny_base_and_adapter
 
 QUESTIONS = [
     {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
@@ -27,17 +25,7 @@ PROMPTS = [{"prompt": [{"role": "user", "content": f"Say something about {word}.
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("worker")
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model(tokenizer, seed=3)
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for name, param in policy.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    policy.peft_config["default"].base_model_name_or_path = str(root / "base")
-    policy.save_pretrained(root / "adapter")
+    save_tiny_base_and_adapter(root, seed=3)
     (root / "math").mkdir()
     (root / "math" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from eval.data import EvalError
 from eval.generation import generate
 from eval.reward_kl import kl_to_reference, load_reward_model, reward_metrics
 from eval.suite import EvalData, Prompt, run_tasks
-from eval.testing import build_char_tokenizer, build_tiny_model
+from eval.testing import build_char_tokenizer, build_tiny_model, save_tiny_reward_model
 
 PROMPTS = ["Question: 2+3?\nAnswer:", "Say hi", "Question: 10-4?\nAnswer:"]
 
@@ -82,24 +82,8 @@ def test_kl_without_any_reference_fails_clearly(tokenizer) -> None:
         kl_to_reference(model, [[1, 2]], [[3]], progress=False)
 
 
-def _save_reward_model(directory: Path, tokenizer, seed: int = 0) -> None:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,  # 4-bit layers: in_features a multiple of 64 (tests/unit/test_4bit_cpu.py)
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
 def test_saved_reward_models_full_and_lora(tmp_path: Path, tokenizer) -> None:
-    _save_reward_model(tmp_path / "rm", tokenizer)
+    save_tiny_reward_model(tmp_path / "rm", tokenizer)
     reward = load_reward_model(str(tmp_path / "rm"), batch_size=2)
     prompts, completions = ["2+3?", "hello", "10-4?"], ["5", "hi there, friend", "6"]
     batched = reward(prompts, completions)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from eval.reward_kl import load_reward_model as load_eval_reward
-from eval.testing import build_char_tokenizer
+from eval.testing import build_char_tokenizer, save_tiny_reward_model
 from recipes.common.reward import load_reward_model, reward_tokenize, score
 
 PROMPTS = ["2+3?", "hello", "10-4?"]
@@ -27,21 +26,7 @@ COMPLETIONS = ["5", "hi there, friend", "6"]
 def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = build_char_tokenizer()
     assert tokenizer.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False).endswith("</s>\n")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("rm")
-    LlamaForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm"), tokenizer, seed=0)
 
 
 def test_eval_reward_equals_training_score(rm_dir: Path) -> None:
