@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,6 @@ from transformers import (
 from trl import ModelConfig, get_quantization_config
 
 from recipes.common.errors import UserError
-
-# On CPUs with AVX512-BF16, importing bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community"
-# (an optional kernel fetched from the hub). That kernel only serves the packed layout `keep_4bit_weights_unpacked`
-# turns off, so the notice says nothing about these runs; set before bitsandbytes is first imported.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "kernels-community" not in record.getMessage()
-)
 
 
 class ModelLoadError(UserError):
