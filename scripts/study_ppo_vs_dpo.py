@@ -147,15 +147,54 @@ def launch_command(study: dict, method: str, seed: int, output_dir: Path) -> lis
     return cmd + ["--wandb_tags", f"study:{study['name']}"]
 
 
+def command_arguments(command: list[str]) -> dict[str, str]:
+    """`--key value...` pairs of a launch command (values of list options joined by spaces)."""
+    arguments: dict[str, list[str]] = {}
+    key = None
+    for token in command:
+        if token.startswith("--"):
+            key = token[2:]
+            arguments[key] = []
+        elif key is not None:
+            arguments[key].append(token)
+    return {key: " ".join(values) for key, values in arguments.items()}
+
+
+def check_same_command(command_file: Path, command: list[str], output_dir: Path) -> None:
+    """A finished run is reused only when the study would launch it the same way: after a change to the study YAML
+    (or the recipe config it names) the old run would silently stand for the new settings."""
+    if not command_file.is_file():
+        return  # trained before the study recorded its commands: nothing to compare
+    recorded = json.loads(command_file.read_text())
+    if recorded == command:
+        return
+    before, after = command_arguments(recorded), command_arguments(command)
+    changed = [
+        f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ] or [f"{' '.join(recorded[:4])} -> {' '.join(command[:4])}"]
+    raise UserError(
+        f"{output_dir} was trained with other settings than the study now asks for ({'; '.join(changed)}). "
+        f"Move or delete {output_dir} (and its {command_file.parent.name}/{output_dir.name}.* files) to retrain it, "
+        "or give the study another --output_dir."
+    )
+
+
 def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
     """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused)."""
     seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
+    command_file = output_dir.parent / "logs" / f"{output_dir.name}.train_command.json"
+    command = launch_command(study, method, seed, output_dir)
     if (output_dir / "run_complete.json").is_file():
+        check_same_command(command_file, command, output_dir)
         log(f"{method} seed {seed}: already trained ({output_dir})")
         return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
     log(f"{method} seed {seed}: training -> {output_dir}")
     start = time.time()
-    run(launch_command(study, method, seed, output_dir), output_dir.parent / "logs" / f"{output_dir.name}.train.log")
+    command_file.parent.mkdir(parents=True, exist_ok=True)
+    command_file.write_text(json.dumps(command) + "\n")
+    run(command, output_dir.parent / "logs" / f"{output_dir.name}.train.log")
     seconds = time.time() - start
     seconds_file.write_text(f"{seconds:.1f}\n")
     return seconds
@@ -596,6 +635,11 @@ def main(argv: list[str] | None = None) -> Path:
         return seconds, *evaluate(study, str(run_dir), out / f"{method}-seed{seed}.eval.json", seed=seed)
 
     runs = [(method, seed) for method in methods for seed in seeds]
+    for method, seed in runs:  # before any work: a finished run launched with other settings is an error, not reused
+        run_dir = out / f"{method}-seed{seed}"
+        if (run_dir / "run_complete.json").is_file():
+            command_file = out / "logs" / f"{run_dir.name}.train_command.json"
+            check_same_command(command_file, launch_command(study, method, seed, run_dir), run_dir)
     # Evaluations run in `--jobs` long-lived worker processes; trainings are recipe launches, as a user runs them.
     eval_workers = ProcessPoolExecutor(
         max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_eval_worker,

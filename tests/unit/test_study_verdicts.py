@@ -285,3 +285,19 @@ def test_a_method_runs_its_configs_recipe_whatever_its_name(tmp_path: Path) -> N
     assert cmd[:5] == ["accelerate", "launch", "recipes/ppo/train.py", "--config", "recipes/ppo/config.yaml"]
     assert cmd[cmd.index("--pairs") + 1] == f"{tmp_path}/p" and cmd[cmd.index("--seed") + 1] == "1"
     assert cmd[cmd.index("--eval_tasks") + 1] == "gsm8k" and cmd[-2:] == ["--wandb_tags", "study:s"]
+
+
+def test_finished_run_launched_with_other_settings_is_an_error_not_reused(tmp_path: Path) -> None:
+    """After a change to the study YAML (here DPO's learning rate) the old run must not stand for the new settings."""
+    from recipes.common.errors import UserError
+
+    run_dir = tmp_path / "dpo-seed0"
+    command_file = tmp_path / "logs" / "dpo-seed0.train_command.json"
+    command_file.parent.mkdir()
+    before = ["accelerate", "launch", "recipes/dpo/train.py", "--max_steps", "32", "--learning_rate", "5e-05"]
+    command_file.write_text(json.dumps(before))
+    study.check_same_command(command_file, before, run_dir)  # same launch: reused
+    study.check_same_command(tmp_path / "logs" / "missing.json", before, run_dir)  # no record: reused
+    after = before[:-1] + ["0.0002"]
+    with pytest.raises(UserError, match=r"learning_rate: 5e-05 -> 0\.0002.*Move or delete"):
+        study.check_same_command(command_file, after, run_dir)
