@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from accelerate import PartialState
+from transformers import set_seed
 
 from eval.callback import build_eval_callback
 from recipes.common import policy as common_policy
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> PPOTrainer:
         check_resumable(resume_from, plan)
 
     # Models: policy (+ reference adapter), value model and reward models, sharing one base where they can.
+    # Seeded first: a fresh value adapter and head are drawn here, before the trainer seeds, and were different in
+    # every process (the same seed gave different runs with the grader reward).
+    set_seed(training_args.seed)
     ppo_models = load_ppo_models(
         model_args, value_source, ppo_args.share_base, gradient_checkpointing=training_args.gradient_checkpointing
     )
