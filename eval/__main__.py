@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from eval.data import EvalError, read_jsonl, write_json_atomic, write_jsonl_atomic
+from eval.data import EvalError
 from eval.reward_kl import ADAPTER_OFF, resolve_kl_reference
 from eval.suite import (
     DEFAULT_GSM8K,
@@ -30,6 +30,7 @@ from eval.suite import (
     score_predictions,
 )
 from recipes.common.errors import UserError, run_cli
+from recipes.common.files import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 
 def _bool_or_auto(value: str) -> bool | None:
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         payload = run(args)
-    except EvalError as err:
+    except UserError as err:  # EvalError, and the shared layer's (a malformed jsonl file, a model that will not load)
         print(f"error: {err}", file=sys.stderr)
         return 2
     samples = payload.pop("samples")

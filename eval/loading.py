@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,9 @@ from transformers import (
 )
 
 from eval.data import EvalError, demo_hint
-from recipes.common.modeling import keep_4bit_weights_unpacked, set_pad_token
+from recipes.common.config import QLoRAModelConfig
+from recipes.common.modeling import keep_4bit_weights_unpacked, quantization_kwargs, set_pad_token
+from recipes.common.policy import adapter_base
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -48,22 +49,11 @@ def check_model_source(name: str, what: str = "model") -> None:
 
 
 def quantization_config() -> BitsAndBytesConfig:
-    """4-bit NF4 with double quantization; compute in bf16 on CUDA and float32 on CPU (bitsandbytes runs both)."""
-    compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def _adapter_base(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise EvalError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass `--model BASE`.")
-    return base
+    """The recipes' 4-bit settings (`recipes.common.modeling.quantization_kwargs`: NF4, double quantization), computing
+    in bf16 on CUDA and float32 on CPU (bitsandbytes runs both)."""
+    compute_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    model_args = QLoRAModelConfig(model_name_or_path="", load_in_4bit=True, dtype=compute_dtype)
+    return quantization_kwargs(model_args)["quantization_config"]
 
 
 def load_model_and_tokenizer(
@@ -83,7 +73,7 @@ def load_model_and_tokenizer(
         and (model_path / "adapter_config.json").is_file()
         and not (model_path / "config.json").is_file()
     ):
-        adapter, model = model, _adapter_base(model_path)
+        adapter, model = model, adapter_base(model)
         check_model_source(model, what="adapter's base model")
     if adapter is not None:
         adapter_dir = Path(adapter).expanduser()

@@ -23,17 +23,17 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.data import EvalError
 from eval.generation import score_token_ids
 from recipes.common.modeling import default_chat_template, set_pad_token
+from recipes.common.outputs import FINISHED_MARKER  # the run's marker: stage, start_model / parent_run
+from recipes.common.reward import load_reward_model as load_trained_reward_model
 from recipes.common.reward import score
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
-LINEAGE_FILE = "run_complete.json"  # recipes/common/outputs.py's marker: stage, start_model / parent_run
 ADAPTER_OFF = "base"  # `--ref_model base`: the policy's base model, i.e. the policy with its adapter disabled
 
 
@@ -70,39 +70,14 @@ class RewardModel:
 def load_reward_model(
     path: str, load_in_4bit: bool = False, batch_size: int = 8, device: str | None = None
 ) -> RewardModel:
-    """A reward model from a directory: a saved `AutoModelForSequenceClassification`, or a LoRA adapter (with its
-    score head in `modules_to_save`) over the base named in its adapter_config.json."""
-    from eval.loading import check_model_source, quantization_config, resolve_device
-    from recipes.common.modeling import keep_4bit_weights_unpacked
+    """A reward model from a directory (a reward-recipe output: LoRA adapter + score head over the base its
+    adapter_config.json names, or a saved sequence classifier), loaded by the training path
+    (`recipes.common.reward.load_reward_model`): 4-bit as it was trained unless `load_in_4bit` forces it."""
+    from eval.loading import resolve_device
 
-    directory = Path(path).expanduser()
-    adapter_config = directory / "adapter_config.json"
-    device = resolve_device(device)
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = {"": device}
-    try:
-        if adapter_config.is_file():
-            from peft import PeftModel
-
-            base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-            check_model_source(base_name, what=f"base model of reward adapter {path}")
-            base = AutoModelForSequenceClassification.from_pretrained(base_name, num_labels=1, **kwargs)
-            keep_4bit_weights_unpacked(base)
-            model = PeftModel.from_pretrained(base, str(directory))
-            tokenizer_source = str(directory) if (directory / "tokenizer_config.json").is_file() else base_name
-        else:
-            check_model_source(path, what="reward model")
-            model = keep_4bit_weights_unpacked(AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
-            tokenizer_source = path
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
-    except EvalError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        raise EvalError(f"Could not load reward model {path!r}: {type(err).__name__}: {err}") from err
-    if not load_in_4bit:
-        model = model.to(device)
+    model, tokenizer = load_trained_reward_model(
+        path, load_in_4bit=True if load_in_4bit else None, device=resolve_device(device)
+    )
     return RewardModel(model, tokenizer, batch_size=batch_size)
 
 
@@ -183,7 +158,7 @@ def resolve_kl_reference(model: str, adapter: str | None, ref_model: str | None)
         return KLReference(None, True, f"{base} (the adapter's base model: adapter disabled, --ref_model base)")
     if ref_model:
         return KLReference(ref_model, False, f"{ref_model} (--ref_model)")
-    lineage_file = policy_dir / LINEAGE_FILE
+    lineage_file = policy_dir / FINISHED_MARKER
     lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
     start = lineage.get("start_model") or lineage.get("parent_run")
     if start and base and _same_path(start, base):
@@ -196,7 +171,7 @@ def resolve_kl_reference(model: str, adapter: str | None, ref_model: str | None)
     if base:
         raise EvalError(
             f"KL needs the policy's starting point, and {str(policy_dir)!r} does not record one (no start_model or "
-            f"parent_run in {LINEAGE_FILE}). Pass --ref_model DIR (e.g. the SFT output the policy was trained from), "
+            f"parent_run in {FINISHED_MARKER}). Pass --ref_model DIR (e.g. the SFT output the policy was trained from), "
             f"or --ref_model {ADAPTER_OFF} to measure against the adapter's base model (adapter disabled)."
         )
     return None

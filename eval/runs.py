@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.common.errors import UserError
-
-FINISHED_MARKER = "run_complete.json"  # written by recipes.common.outputs.mark_finished
+from recipes.common.outputs import FINISHED_MARKER
 
 # Columns in this order when present; within a pattern, keys sort by name. A key belongs to its first match.
 # Several spellings per quantity because recipes log them differently (trainer keys get `train/`, TRL's PPO logs

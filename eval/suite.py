@@ -21,8 +21,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from eval import diversity, gsm8k, length, mmlu, reward_kl
-from eval.data import EvalError, read_jsonl, seeded_subset
+from eval.data import EvalError, seeded_subset
 from eval.generation import generate, pad_token_id
+from recipes.common.files import read_jsonl
 
 TASKS = ("gsm8k", "mmlu", "length", "diversity", "reward")
 SAMPLED_TASKS = ("length", "diversity", "reward")

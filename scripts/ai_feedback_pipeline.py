@@ -34,11 +34,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.data import read_jsonl, write_jsonl_atomic  # noqa: E402
 from eval.reward_model import RATING_LABELS, RATINGS  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
-
-FINISHED = "run_complete.json"
+from recipes.common.files import read_jsonl, write_jsonl_atomic  # noqa: E402
+from recipes.common.outputs import FINISHED_MARKER  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_stage(name: str, command: list[str], done_dir: Path | None, log_dir: Path, times: dict[str, float]) -> None:
     """Run one stage, its output in `<log_dir>/<name>.log`; skipped when `done_dir` holds a finished run."""
-    if done_dir is not None and (done_dir / FINISHED).is_file():
+    if done_dir is not None and (done_dir / FINISHED_MARKER).is_file():
         print(f"[aif] {name}: done before ({done_dir})", flush=True)
         return
     log = log_dir / f"{name}.log"

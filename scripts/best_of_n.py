@@ -31,9 +31,9 @@ from types import SimpleNamespace
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.data import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.config import QLoRAModelConfig  # noqa: E402
 from recipes.common.errors import run_cli  # noqa: E402
+from recipes.common.files import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
 from recipes.rejection_sampling.loop import build_scorer, hf_sampler, load_generation_model, load_prompts  # noqa: E402
 from recipes.rejection_sampling.selection import check_scores, expected_best_of_n, kl_best_of_n  # noqa: E402

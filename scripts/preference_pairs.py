@@ -32,9 +32,9 @@ from types import SimpleNamespace
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.data import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.config import QLoRAModelConfig  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
+from recipes.common.files import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
 from recipes.rejection_sampling.loop import (  # noqa: E402
     build_scorer,

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from eval.reward_model import format_table, save_json  # noqa: E402
 from recipes.common.errors import run_cli  # noqa: E402
+from recipes.common.outputs import FINISHED_MARKER  # noqa: E402
 from recipes.common.reward import RATINGS  # noqa: E402
 
 LLAMA2_TABLE_28 = (
@@ -33,7 +34,7 @@ LLAMA2_TABLE_28 = (
 def run_one(config: str, output_dir: Path, margin_set: str, seed: int, extra: list[str]) -> dict:
     """One reward-recipe run (or the finished one already in `output_dir`); returns its final RM evaluation."""
     result_file = output_dir / "rm_eval.json"
-    if not ((output_dir / "run_complete.json").is_file() and result_file.is_file()):
+    if not ((output_dir / FINISHED_MARKER).is_file() and result_file.is_file()):
         from recipes.reward.train import main
 
         started = time.perf_counter()

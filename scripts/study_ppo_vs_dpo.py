@@ -45,9 +45,10 @@ from eval.compare import (  # noqa: E402
     per_item_values,
     verdict,
 )
-from eval.data import read_jsonl  # noqa: E402
 from eval.runs import CompareError, compare_runs, load_local_runs  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
+from recipes.common.files import read_jsonl  # noqa: E402
+from recipes.common.outputs import FINISHED_MARKER  # noqa: E402
 
 DEFAULT_STUDY = REPO_ROOT / "scripts" / "studies" / "demo.yaml"
 STUDY_KEYS = {"name", "output_dir", "sft", "seeds", "load_in_4bit", "common_overrides", "methods", "eval", "prepare",
@@ -186,7 +187,7 @@ def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
     seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
     command_file = output_dir.parent / "logs" / f"{output_dir.name}.train_command.json"
     command = launch_command(study, method, seed, output_dir)
-    if (output_dir / "run_complete.json").is_file():
+    if (output_dir / FINISHED_MARKER).is_file():
         check_same_command(command_file, command, output_dir)
         log(f"{method} seed {seed}: already trained ({output_dir})")
         return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> Path:
     unknown = [m for m in methods if m not in study["methods"]]
     if unknown:
         raise UserError(f"unknown method(s) {unknown}; {args.study} defines {list(study['methods'])}.")
-    if not (Path(study["sft"]) / "run_complete.json").is_file():
+    if not (Path(study["sft"]) / FINISHED_MARKER).is_file():
         raise UserError(f"no finished SFT run at {study['sft']}: run the SFT recipe first (bash scripts/demo.sh).")
     out = args.output_dir or Path(study["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -637,7 +638,7 @@ def main(argv: list[str] | None = None) -> Path:
     runs = [(method, seed) for method in methods for seed in seeds]
     for method, seed in runs:  # before any work: a finished run launched with other settings is an error, not reused
         run_dir = out / f"{method}-seed{seed}"
-        if (run_dir / "run_complete.json").is_file():
+        if (run_dir / FINISHED_MARKER).is_file():
             command_file = out / "logs" / f"{run_dir.name}.train_command.json"
             check_same_command(command_file, launch_command(study, method, seed, run_dir), run_dir)
     # Evaluations run in `--jobs` long-lived worker processes; trainings are recipe launches, as a user runs them.

@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 from accelerate import PartialState
 
-from eval.data import write_json_atomic, write_jsonl_atomic
 from eval.generation import generate
 from eval.reward_model import RATINGS
 from eval.suite import eval_mode
@@ -38,6 +37,7 @@ from recipes.ai_feedback import feedback
 from recipes.common.config import ConfigError, QLoRAModelConfig, RecipeArguments, config_to_dict, parse_config
 from recipes.common.data import DataError, load_split, take, validate_columns
 from recipes.common.errors import run_cli
+from recipes.common.files import write_json_atomic, write_jsonl_atomic
 from recipes.common.modeling import check_model_path
 from recipes.common.outputs import mark_finished, prepare_output_dir
 from recipes.common.policy import adapter_base, load_policy_tokenizer

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from recipes.common.errors import UserError
+from recipes.common.outputs import FINISHED_MARKER
 
 _PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb")
 
@@ -208,7 +209,7 @@ def _run_id(location: str | None) -> str | None:
 def check_parent_runs(parent_dirs: str | Sequence[str] | None) -> None:
     """Fail early (before training) when a parent run is not a finished recipe output dir."""
     for parent in [parent_dirs] if isinstance(parent_dirs, str) else list(parent_dirs or []):
-        if not (Path(parent) / "run_complete.json").is_file():
+        if not (Path(parent) / FINISHED_MARKER).is_file():
             raise UserError(
                 f"parent_run {parent!r} is not a finished recipe output dir (no run_complete.json in it). Pass the "
                 "output_dir of the run this one starts from (e.g. the SFT run), or leave parent_run unset."
@@ -238,7 +239,7 @@ def log_lineage(
     for parent in [parent_dirs] if isinstance(parent_dirs, str) else list(parent_dirs or []):
         path = Path(parent)
         info: dict[str, Any] = {"output_dir": str(path.resolve()) if path.exists() else str(parent)}
-        marker = path / "run_complete.json"
+        marker = path / FINISHED_MARKER
         if marker.is_file():
             finished = json.loads(marker.read_text())
             info.update(stage=finished.get("stage"), wandb=finished.get("wandb"), run_id=_run_id(finished.get("wandb")))

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from eval.data import read_jsonl, write_json_atomic, write_jsonl_atomic
 from recipes.common.config import ConfigError
 from recipes.common.errors import UserError
+from recipes.common.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from recipes.common.outputs import FINISHED_MARKER
 from recipes.rejection_sampling.selection import (
     best_of_n_curve,
     by_prompt,
@@ -594,7 +595,7 @@ def run_round(
         if not (path / "selected.jsonl").is_file():
             with timed(timings, "select"):
                 select_round(k, rs, out, path, len(prompts), tokenizer, state)
-        if not (path / "adapter" / "run_complete.json").is_file():
+        if not (path / "adapter" / FINISHED_MARKER).is_file():
             cache.release()
             with timed(timings, "train"):
                 selected = read_records(path / "selected.jsonl")
@@ -823,5 +824,5 @@ def log_summary(run: Any, results: list[dict[str, Any]]) -> None:
 def copy_policy_files(policy_dir: str, output_dir: str) -> None:
     """Copy a round's adapter (or full model) and tokenizer files into `output_dir` (not its checkpoints)."""
     for item in Path(policy_dir).iterdir():
-        if item.is_file() and item.name not in ("run_complete.json", "training_args.bin"):
+        if item.is_file() and item.name not in (FINISHED_MARKER, "training_args.bin"):
             shutil.copy2(item, Path(output_dir) / item.name)

@@ -21,9 +21,10 @@ import study_ppo_vs_dpo  # noqa: E402
 from test_dpo import make_sft_adapter  # noqa: E402
 
 from eval.compare import mean_interval, per_item_values  # noqa: E402
-from eval.data import read_jsonl, seeded_subset  # noqa: E402
+from eval.data import seeded_subset  # noqa: E402
 from eval.runs import load_local_runs as read_runs  # noqa: E402
 from recipes.common.errors import UserError  # noqa: E402
+from recipes.common.files import read_jsonl  # noqa: E402
 
 SEED = 1  # a training seed other than the data seed (0): it must not change which items are evaluated
 

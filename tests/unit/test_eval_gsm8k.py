@@ -22,6 +22,7 @@ from eval.gsm8k import (
     score,
 )
 from eval.testing import build_char_tokenizer
+from recipes.common.files import JsonlError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -133,5 +134,5 @@ def test_load_gsm8k_layouts_and_errors(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="prepare_demo"):
         load_gsm8k("outputs/demo/data/nowhere")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(EvalError, match=r"bad.jsonl:1.*'answer'"):
+    with pytest.raises(JsonlError, match=r"bad.jsonl:1.*'answer'"):  # recipes.common.files
         load_gsm8k(str(tmp_path / "bad.jsonl"))
