@@ -430,18 +430,29 @@ def effects(
 
 
 def overoptimization_points(history: list[dict[str, float]], gold: str, proxy: str) -> list[dict[str, float]]:
-    """An RL run's (sqrt KL, gold, proxy) at each in-training evaluation, from its logged history: KL is the latest
-    `train/objective/kl` (per sequence, in nats, as best-of-N's) logged at or before that step, 0 at step 0 (the
-    policy is still the reference); the proxy is the latest value of `proxy` (the reward model on rollouts)."""
-    points, kl, reward = [], None, None
-    for row in sorted((r for r in history if "train/global_step" in r), key=lambda r: r["train/global_step"]):
-        kl, reward = row.get("train/objective/kl", kl), row.get(proxy, reward)
+    """An RL run's (sqrt KL, gold, proxy) at each in-training evaluation, from its logged history. Update N logs the
+    KL (`train/objective/kl`, per sequence, in nats, as best-of-N's) and the proxy (the reward model) of its rollouts,
+    which the policy of checkpoint N-1 generated; so checkpoint N is measured by update N+1's rollouts. Step 0 is the
+    reference itself (KL 0); the last checkpoint, which no rollout follows, takes its own update's rollouts (one
+    update behind, flagged `lagged`)."""
+    rows = sorted((r for r in history if "train/global_step" in r), key=lambda r: r["train/global_step"])
+    rollouts = {r["train/global_step"]: r for r in rows if "train/objective/kl" in r}
+    points = []
+    for row in rows:
         if gold not in row:
             continue
         step = row["train/global_step"]
-        if step == 0 or kl is not None:
-            x = 0.0 if step == 0 else max(kl, 0.0) ** 0.5  # a sampled KL estimate can dip below 0
-            points.append({"step": step, "sqrt_kl": x, "gold": row[gold], "proxy": None if step == 0 else reward})
+        if step == 0:
+            points.append({"step": 0, "sqrt_kl": 0.0, "gold": row[gold], "proxy": None})
+            continue
+        measured_by = step + 1 if step + 1 in rollouts else max((s for s in rollouts if s <= step), default=None)
+        if measured_by is None:
+            continue
+        kl = max(rollouts[measured_by]["train/objective/kl"], 0.0)  # a sampled KL estimate can dip below 0
+        point = {"step": step, "sqrt_kl": kl**0.5, "gold": row[gold], "proxy": rollouts[measured_by].get(proxy)}
+        if measured_by <= step:
+            point["lagged"] = True
+        points.append(point)
     return points
 
 
@@ -486,6 +497,7 @@ def overoptimization(study: dict, out: Path, seeds: list[int]) -> list[str]:
                     + ", ".join(
                         f"step {p['step']:.0f}: sqrt(KL) {p['sqrt_kl']:.2f}, gold {p['gold']:.3f}"
                         + (f", proxy {p['proxy']:.3g}" if p["proxy"] is not None else "")
+                        + (" (KL and proxy one update behind)" if p.get("lagged") else "")
                         for p in points
                     )  # fmt: skip
                     + "."
@@ -513,8 +525,8 @@ def overoptimization(study: dict, out: Path, seeds: list[int]) -> list[str]:
         "",
         "Read it as Gao et al. do: as the policy moves away from SFT (sqrt(KL) grows), the proxy keeps rising; the gold "
         "reward rises, then flattens or falls when the proxy is being exploited. Best-of-N's KL is the analytic "
-        "log N - (N-1)/N; an RL checkpoint's is its rollouts' summed per-token KL (the latest logged before that "
-        "evaluation). The two gold measures differ (best-of-N grades the proxy's pick among samples at T=1; the "
+        "log N - (N-1)/N; an RL checkpoint's is the summed per-token KL of the rollouts its policy generated (the next "
+        "update's; the last checkpoint, which no update follows, takes its own update's, one update behind). The two gold measures differ (best-of-N grades the proxy's pick among samples at T=1; the "
         "checkpoints are graded greedily on the in-training evaluation problems), so compare shapes, not levels.",
         "",
     ]

@@ -244,20 +244,24 @@ def test_ppo_on_a_reward_model_of_dpos_pairs_is_the_same_data() -> None:
 # --- the overoptimization picture -----------------------------------------------------------------------------------
 
 
-def test_checkpoint_points_pair_each_evaluation_with_the_kl_logged_before_it() -> None:
+def test_checkpoint_points_are_measured_by_the_rollouts_their_policy_generated() -> None:
+    """Update N logs the KL and proxy of rollouts from checkpoint N-1's policy, so the evaluation at step N pairs with
+    update N+1's; the last one (no next update) with its own, flagged. Before: each took its own update's (KL 0 at
+    step 2 here, the first update's, when the policy had moved)."""
     history = [
         {"train/global_step": 0, "eval/gsm8k/accuracy": 0.1},  # the SFT policy: KL 0, no proxy yet
-        {"train/global_step": 1, "train/objective/kl": 0.0, "train/reward/mean": 0.2},
+        {"train/global_step": 1, "train/objective/kl": 0.0, "train/reward/mean": 0.2},  # the reference's rollouts
         {"train/global_step": 2, "train/objective/kl": 0.25, "train/reward/mean": 0.5},
         {"train/global_step": 2, "eval/gsm8k/accuracy": 0.3},
-        {"train/global_step": 3, "train/objective/kl": -0.01, "train/reward/mean": 0.9},  # a noisy KL estimate
+        {"train/global_step": 3, "train/objective/kl": 1.0, "train/reward/mean": 0.9},  # checkpoint 2's rollouts
+        {"train/global_step": 4, "train/objective/kl": -0.01, "train/reward/mean": 1.1},  # a noisy KL estimate
         {"train/global_step": 4, "eval/gsm8k/accuracy": 0.2},
     ]
     points = study.overoptimization_points(history, "eval/gsm8k/accuracy", "train/reward/mean")
     assert points == [
         {"step": 0, "sqrt_kl": 0.0, "gold": 0.1, "proxy": None},
-        {"step": 2, "sqrt_kl": 0.5, "gold": 0.3, "proxy": 0.5},
-        {"step": 4, "sqrt_kl": 0.0, "gold": 0.2, "proxy": 0.9},
+        {"step": 2, "sqrt_kl": 1.0, "gold": 0.3, "proxy": 0.9},
+        {"step": 4, "sqrt_kl": 0.0, "gold": 0.2, "proxy": 1.1, "lagged": True},
     ]
 
 
