@@ -12,7 +12,6 @@ import contextlib
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from eval.suite import (
 )
 from recipes.common.errors import UserError, run_cli
 from recipes.common.files import read_jsonl, write_json_atomic, write_jsonl_atomic
+from recipes.common.modeling import check_model_path
+from recipes.common.tracking import package_versions
 
 
 def _bool_or_auto(value: str) -> bool | None:
@@ -136,20 +137,18 @@ def _reward_specs(specs: list[str]) -> dict[str, str]:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    from eval.loading import check_model_source
-
     if args.predictions is None and not args.model:
         raise EvalError(
             "Give --model PATH_OR_HUB_ID (or --predictions FILE.jsonl to score completions made elsewhere)."
         )
     if args.model:
-        check_model_source(args.model)
+        check_model_path(args.model, allow_adapter=True)
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise EvalError(f"Adapter directory {args.adapter!r} has no adapter_config.json (not a saved peft adapter).")
     for path in _reward_specs(args.reward_model).values():
-        check_model_source(path, what="reward model")
+        check_model_path(path, what="reward model", allow_adapter=True)
     if args.ref_model and args.ref_model != ADAPTER_OFF:
-        check_model_source(args.ref_model, what="reference model")
+        check_model_path(args.ref_model, what="reference model", allow_adapter=True)
     for flag in ("output", "samples_output"):
         value = getattr(args, flag)
         if value and Path(value).is_dir():
@@ -168,16 +167,6 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _versions() -> dict[str, str | None]:
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         from transformers import AutoTokenizer
 
-        from eval.loading import check_model_source, load_model_and_tokenizer
+        from eval.loading import load_model_and_tokenizer
         from eval.reward_kl import load_reward_model
 
         # The tokenizer decides the chat variant, so the data can be checked before the (slow) model load.
@@ -226,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chat = resolve_chat(args.gsm8k_chat, probe_tokenizer)
         kl_reference = resolve_kl_reference(args.model, args.adapter, args.ref_model) if "reward" in tasks else None
         if kl_reference is not None and kl_reference.path:
-            check_model_source(kl_reference.path, what=f"KL reference {kl_reference.description}")
+            check_model_path(kl_reference.path, what=f"KL reference {kl_reference.description}", allow_adapter=True)
         data = load_eval_data(
             tasks,
             gsm8k_path=args.gsm8k,
@@ -288,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "results": full["results"],
         "config": config,
-        "versions": _versions(),
+        "versions": package_versions(("torch", "transformers", "peft", "bitsandbytes")),
         "runtime_s": round(time.perf_counter() - start, 2),
         "samples": full["samples"],
     }

@@ -1,8 +1,8 @@
-"""Small helpers shared by the tasks: the user-facing error type, jsonl reading with field checks, seeded subsets."""
+"""Small helpers shared by the tasks: the user-facing error type and seeded subsets. (JSON Lines reading and atomic
+writes are `recipes.common.files`; the outputs/demo hint is `recipes.common.errors.demo_hint`.)"""
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from typing import TypeVar
@@ -15,10 +15,6 @@ T = TypeVar("T")
 class EvalError(UserError):
     """A problem the user must fix (bad task name, missing file, malformed record); the message says what,
     where and how to fix it."""
-
-
-def demo_hint(path: str | os.PathLike) -> str:
-    return " Build the demo first: `python scripts/prepare_demo.py`." if "outputs/demo" in str(path) else ""
 
 
 def seeded_subset(items: Sequence[T], size: int | None, seed: int) -> list[T]:

@@ -20,8 +20,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from eval.data import EvalError, demo_hint
+from eval.data import EvalError
 from eval.generation import generate
+from recipes.common.errors import demo_hint
 from recipes.common.files import read_jsonl
 
 # lm-eval's strict pattern is "#### (\-?[0-9\.\,]+)"; this one also takes "#### $5" and "#### +5", which the

@@ -6,19 +6,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from eval.data import EvalError, demo_hint
+from eval.data import EvalError
 from recipes.common.config import QLoRAModelConfig
-from recipes.common.modeling import keep_4bit_weights_unpacked, quantization_kwargs, set_pad_token
+from recipes.common.modeling import check_model_path, keep_4bit_weights_unpacked, quantization_kwargs, set_pad_token
 from recipes.common.policy import adapter_base
 
 
@@ -30,30 +25,15 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
-def looks_local(name: str) -> bool:
-    """A path rather than a hub id: hub ids are `name` or `org/name`."""
-    return name.startswith((".", "/", "~")) or name.count("/") >= 2 or Path(name).exists()
-
-
-def check_model_source(name: str, what: str = "model") -> None:
-    """Fail before any loading when a local model directory is missing or is not a saved HF model."""
-    path = Path(name).expanduser()
-    if looks_local(name) or path.exists():
-        if not path.is_dir():
-            raise EvalError(f"The {what} path {name!r} does not exist.{demo_hint(name)}")
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise EvalError(
-                f"The {what} path {name!r} holds no config.json or adapter_config.json: not a saved HF model or "
-                "peft adapter (save with `model.save_pretrained(dir)`)."
-            )
-
-
-def quantization_config() -> BitsAndBytesConfig:
-    """The recipes' 4-bit settings (`recipes.common.modeling.quantization_kwargs`: NF4, double quantization), computing
-    in bf16 on CUDA and float32 on CPU (bitsandbytes runs both)."""
-    compute_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    model_args = QLoRAModelConfig(model_name_or_path="", load_in_4bit=True, dtype=compute_dtype)
-    return quantization_kwargs(model_args)["quantization_config"]
+def four_bit_kwargs(device: str) -> dict[str, Any]:
+    """`from_pretrained` kwargs for a 4-bit model on `device`: the recipes' settings (`quantization_kwargs`: NF4,
+    double quantization, bitsandbytes checked first), computing in bf16 on CUDA and float32 on CPU (bitsandbytes runs
+    both)."""
+    compute_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    kwargs = quantization_kwargs(QLoRAModelConfig(model_name_or_path="", load_in_4bit=True, dtype=compute_dtype))
+    # quantization_kwargs places the model on the DDP rank's GPU; the evaluation runs one process, on `device`.
+    kwargs["device_map"] = {"": device}
+    return kwargs
 
 
 def load_model_and_tokenizer(
@@ -66,7 +46,7 @@ def load_model_and_tokenizer(
     """The model in eval mode and its tokenizer (from the adapter directory when it saved one: training may have
     changed the chat template or the pad token). `model` may itself be an adapter directory; its base is then read
     from adapter_config.json."""
-    check_model_source(model)
+    check_model_path(model, allow_adapter=True)
     model_path = Path(model).expanduser()
     if (
         adapter is None
@@ -74,7 +54,7 @@ def load_model_and_tokenizer(
         and not (model_path / "config.json").is_file()
     ):
         adapter, model = model, adapter_base(model)
-        check_model_source(model, what="adapter's base model")
+        check_model_path(model, what="adapter's base model")
     if adapter is not None:
         adapter_dir = Path(adapter).expanduser()
         if not (adapter_dir / "adapter_config.json").is_file():
@@ -83,10 +63,9 @@ def load_model_and_tokenizer(
                 "(`model.save_pretrained(dir)` on a PeftModel)."
             )
     device = resolve_device(device)
-    kwargs: dict = {"trust_remote_code": False, "dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
-    if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config()
-        kwargs["device_map"] = {"": device}
+    kwargs = four_bit_kwargs(device) if load_in_4bit else {"trust_remote_code": False}
+    # `--dtype` sets the unquantized weights' dtype, 4-bit or not ("auto": as saved).
+    kwargs["dtype"] = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         loaded = keep_4bit_weights_unpacked(AutoModelForCausalLM.from_pretrained(model, **kwargs))
         tokenizer_source = model

@@ -19,8 +19,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from eval.data import EvalError, demo_hint
+from eval.data import EvalError
 from eval.generation import loglikelihood
+from recipes.common.errors import demo_hint
 
 LETTERS = ("A", "B", "C", "D")
 HUB_NAME = "cais/mmlu"

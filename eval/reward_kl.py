@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.data import EvalError
 from eval.generation import score_token_ids
+from recipes.common.errors import UserError
 from recipes.common.modeling import default_chat_template, set_pad_token
 from recipes.common.outputs import FINISHED_MARKER  # the run's marker: stage, start_model / parent_run
 from recipes.common.reward import load_reward_model as load_trained_reward_model
@@ -75,9 +76,17 @@ def load_reward_model(
     (`recipes.common.reward.load_reward_model`): 4-bit as it was trained unless `load_in_4bit` forces it."""
     from eval.loading import resolve_device
 
-    model, tokenizer = load_trained_reward_model(
-        path, load_in_4bit=True if load_in_4bit else None, device=resolve_device(device)
-    )
+    try:
+        model, tokenizer = load_trained_reward_model(
+            path, load_in_4bit=True if load_in_4bit else None, device=resolve_device(device)
+        )
+    except UserError:
+        raise  # the shared loader's own errors already say what and how to fix
+    except (OSError, ValueError, KeyError) as err:  # transformers' and peft's: unreadable weights, an unknown hub id
+        raise EvalError(
+            f"Could not load reward model {path!r}: {type(err).__name__}: {err}. Pass a reward-recipe output dir "
+            "(recipes/reward/train.py) or a saved sequence classifier with one output."
+        ) from err
     return RewardModel(model, tokenizer, batch_size=batch_size)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
-from recipes.common.errors import UserError
+from recipes.common.errors import UserError, demo_hint
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -56,8 +56,7 @@ def load_split(name_or_path: str, split: str, config_name: str | None = None) ->
             f"{split}.csv (found {found}). Point the config at the file itself or rename it."
         )
     if _looks_local(name_or_path):
-        hint = " Run `python scripts/prepare_demo.py` first." if "outputs/demo" in name_or_path else ""
-        raise DataError(f"Dataset path does not exist: {name_or_path!r}.{hint}")
+        raise DataError(f"Dataset path does not exist: {name_or_path!r}.{demo_hint(name_or_path)}")
     try:
         return datasets.load_dataset(name_or_path, config_name, split=split)
     except Exception as err:  # the hub raises many different types; the message below is what the user needs

@@ -22,6 +22,12 @@ class UserError(ValueError):
     catch ValueError keep working."""
 
 
+def demo_hint(path: str | os.PathLike) -> str:
+    """The fix to append to a "not found" message: a path under outputs/demo is missing because the demo was not
+    built yet, whichever recipe, evaluation or script looked for it."""
+    return " Build the demo first: `python scripts/prepare_demo.py`." if "outputs/demo" in str(path) else ""
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run an entry point's `main()` and exit with its int result (0 for anything else), or with 2 after printing
     `error: <message>` for a `UserError`."""

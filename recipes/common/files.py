@@ -10,22 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recipes.common.errors import UserError
+from recipes.common.errors import UserError, demo_hint
 
 
 class JsonlError(UserError):
     """A missing or malformed JSON Lines file; the message names the file, the line and what it needs."""
 
 
-def _demo_hint(path: str | os.PathLike) -> str:
-    return " Build the demo first: `python scripts/prepare_demo.py`." if "outputs/demo" in str(path) else ""
-
-
 def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Read a JSON Lines file, failing on the first line that is not a JSON object or lacks a required field."""
     path = Path(path)
     if not path.is_file():
-        raise JsonlError(f"File not found: {str(path)!r}.{_demo_hint(path)}")
+        raise JsonlError(f"File not found: {str(path)!r}.{demo_hint(path)}")
     records = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):

@@ -16,24 +16,43 @@ from transformers import (
 )
 from trl import ModelConfig, get_quantization_config
 
-from recipes.common.errors import UserError
+from recipes.common.errors import UserError, demo_hint
 
 
 class ModelLoadError(UserError):
     """A model/tokenizer problem the user must fix; the message says what, where and how."""
 
 
-def check_model_path(model_name_or_path: str | None) -> str:
+def check_model_path(model_name_or_path: str | None, what: str = "model", allow_adapter: bool = False) -> str:
+    """Fail before any loading when a local model directory is missing or is not a saved HF model; returns the name.
+
+    A hub id passes unchecked (transformers reports it). `what` names the model in the message ("reward model",
+    "reference model", ...). `allow_adapter` also accepts a peft adapter directory (adapter_config.json, no
+    config.json): the evaluation takes one wherever it takes a model, and reads its base from it.
+    """
     if not model_name_or_path:
-        raise ModelLoadError("No model given: set `model_name_or_path` (a hub id or a local directory).")
+        raise ModelLoadError(
+            f"No {what} given: name a hub id or a local directory (in a recipe config: `model_name_or_path`)."
+        )
     path = Path(model_name_or_path).expanduser()
     # Hub ids are `name` or `org/name`; deeper nesting or a leading ./ / ~ means a local directory.
-    # An existing directory is what transformers loads first, whatever its name looks like.
-    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") >= 2 or path.is_dir()
-    if looks_local and not (path / "config.json").is_file():
-        hint = " Run `python scripts/prepare_demo.py` first." if "outputs/demo" in model_name_or_path else ""
-        raise ModelLoadError(f"Model path {model_name_or_path!r} has no config.json (not a saved HF model).{hint}")
-    return model_name_or_path
+    # An existing path is what transformers loads first, whatever its name looks like.
+    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") >= 2 or path.exists()
+    if not looks_local:
+        return model_name_or_path
+    if not path.is_dir():
+        raise ModelLoadError(f"The {what} path {model_name_or_path!r} does not exist.{demo_hint(model_name_or_path)}")
+    if (path / "config.json").is_file() or (allow_adapter and (path / "adapter_config.json").is_file()):
+        return model_name_or_path
+    if allow_adapter:
+        raise ModelLoadError(
+            f"The {what} path {model_name_or_path!r} holds no config.json or adapter_config.json: not a saved HF "
+            "model or peft adapter (save with `model.save_pretrained(dir)`)."
+        )
+    raise ModelLoadError(
+        f"The {what} path {model_name_or_path!r} has no config.json (not a saved HF model; save with "
+        "`model.save_pretrained(dir)`)."
+    )
 
 
 def keep_4bit_weights_unpacked(model: torch.nn.Module) -> torch.nn.Module:

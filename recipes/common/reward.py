@@ -224,7 +224,9 @@ def load_reward_model(
     from recipes.common.policy import adapter_base
 
     base = adapter_base(path)
-    check_model_path(base or path)
+    check_model_path(
+        base or path, what="reward model" if base is None else f"base model of the reward adapter {path!r}"
+    )
     root = Path(path).expanduser()
     # A checkpoint-N dir has no reward_model.json of its own; its run's is one level up.
     info_file = next((d / RM_INFO_FILE for d in (root, root.parent) if (d / RM_INFO_FILE).is_file()), None)

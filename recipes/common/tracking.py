@@ -22,6 +22,17 @@ from recipes.common.outputs import FINISHED_MARKER
 _PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "wandb")
 
 
+def package_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each package (None when it is not installed), for a record of what produced a result."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def wants_wandb(report_to: str | list[str] | None) -> bool:
     if report_to is None:
         return False
@@ -65,12 +76,6 @@ def provenance() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     hardware = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -82,7 +87,7 @@ def provenance() -> dict[str, Any]:
     return {
         "git_commit": commit or None,
         "git_dirty": bool(git("status", "--porcelain")) if commit else None,
-        "packages": versions,
+        "packages": package_versions(_PACKAGES),
         "hardware": hardware,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
@@ -211,7 +216,7 @@ def check_parent_runs(parent_dirs: str | Sequence[str] | None) -> None:
     for parent in [parent_dirs] if isinstance(parent_dirs, str) else list(parent_dirs or []):
         if not (Path(parent) / FINISHED_MARKER).is_file():
             raise UserError(
-                f"parent_run {parent!r} is not a finished recipe output dir (no run_complete.json in it). Pass the "
+                f"parent_run {parent!r} is not a finished recipe output dir (no {FINISHED_MARKER} in it). Pass the "
                 "output_dir of the run this one starts from (e.g. the SFT run), or leave parent_run unset."
             )
 
@@ -244,7 +249,7 @@ def log_lineage(
             finished = json.loads(marker.read_text())
             info.update(stage=finished.get("stage"), wandb=finished.get("wandb"), run_id=_run_id(finished.get("wandb")))
         else:
-            info["note"] = "not a finished recipe output dir (no run_complete.json)"
+            info["note"] = f"not a finished recipe output dir (no {FINISHED_MARKER})"
         artifact = model_artifact(path) if path.is_dir() else None
         if artifact is not None:
             _use_artifact(run, artifact)

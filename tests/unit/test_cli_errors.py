@@ -62,7 +62,7 @@ CASES = {
     "grpo: model path without config.json": (
         [PYTHON, recipe("grpo"), "--config", shipped("grpo"), "--model_name_or_path", "{tmp}/not_a_model"]
         + ["--parent_run", "{tmp}/parent_sft", "--dataset_name", "{tmp}/math.jsonl", "--output_dir", "{tmp}/grpo"],
-        "error: Model path '{tmp}/not_a_model' has no config.json",
+        "error: The model path '{tmp}/not_a_model' has no config.json",
     ),
     "python -m eval: model path without config.json": (
         [PYTHON, "-m", "eval", "--model", "{tmp}/not_a_model", "--tasks", "length"],

@@ -85,16 +85,14 @@ def test_four_bit_model_generates_and_scores(tiny) -> None:
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from eval.loading import quantization_config
+    from eval.loading import four_bit_kwargs
 
     model, tokenizer = tiny
     import tempfile
 
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            directory, quantization_config=quantization_config(), device_map={"": "cpu"}
-        )
+        quantized = AutoModelForCausalLM.from_pretrained(directory, **four_bit_kwargs("cpu"))
     assert getattr(quantized, "is_loaded_in_4bit", False)
     out = generate(quantized, tokenizer, PROMPTS[:2], max_new_tokens=5, progress=False)
     assert all(len(group[0].token_ids) == 5 for group in out)
