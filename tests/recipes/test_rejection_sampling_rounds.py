@@ -18,8 +18,8 @@ def records(path: Path) -> list[dict]:
 
 def test_second_round_keeps_the_best_sample_of_every_round(
     demo_dir: Path,
-    start_policy: Path,
-    tmp_path: Path,  # noqa: F811
+    start_policy: Path,  # noqa: F811  (the imported fixture)
+    tmp_path: Path,
 ) -> None:
     output_dir = tmp_path / "run"
     main(rs_args(
