@@ -35,7 +35,8 @@ from recipes.common.config import QLoRAModelConfig  # noqa: E402
 from recipes.common.errors import run_cli  # noqa: E402
 from recipes.common.files import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
-from recipes.rejection_sampling.loop import build_scorer, hf_sampler, load_generation_model, load_prompts  # noqa: E402
+from recipes.rejection_sampling.prompts import build_scorer, load_prompts  # noqa: E402
+from recipes.rejection_sampling.sampling import hf_sampler, load_generation_model  # noqa: E402
 from recipes.rejection_sampling.selection import check_scores, expected_best_of_n, kl_best_of_n  # noqa: E402
 
 SCORERS = ("gsm8k", "reward_model", "combined")

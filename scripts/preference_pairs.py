@@ -36,14 +36,10 @@ from recipes.common.config import QLoRAModelConfig  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
 from recipes.common.files import write_json_atomic, write_jsonl_atomic  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
-from recipes.rejection_sampling.loop import (  # noqa: E402
-    build_scorer,
-    hf_sampler,
-    load_generation_model,
-    load_prompts,
-    training_rows,
-)
+from recipes.rejection_sampling.prompts import build_scorer, load_prompts  # noqa: E402
+from recipes.rejection_sampling.sampling import hf_sampler, load_generation_model  # noqa: E402
 from recipes.rejection_sampling.selection import check_scores, select_pairs  # noqa: E402
+from recipes.rejection_sampling.training import training_rows  # noqa: E402
 
 RATING = "significantly_better"  # a right final answer against a wrong one: Llama 2's strongest preference
 

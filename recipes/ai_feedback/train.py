@@ -243,7 +243,7 @@ def load_judge(af: AIFeedbackArguments, model_args: QLoRAModelConfig, policy: An
     """The judge as `judge_fn(prompts, responses_a, responses_b) -> [{p_a, ...}]`, loaded like the policy (a causal LM
     or LoRA adapter, 4-bit as configured), or a reward model; the policy itself when no judge is named."""
     from recipes.common.reward import load_reward_model
-    from recipes.rejection_sampling.loop import load_generation_model
+    from recipes.rejection_sampling.sampling import load_generation_model
 
     if af.judge_type == "reward_model":
         rm, rm_tokenizer = load_reward_model(af.judge_model_path)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Models: the policy loaded for sampling as rejection sampling loads it (4-bit base + the SFT adapter), the judge.
     try:
         if todo:
-            from recipes.rejection_sampling.loop import load_generation_model
+            from recipes.rejection_sampling.sampling import load_generation_model
 
             policy = load_generation_model(model_args, model_args.model_name_or_path) if needs_policy else None
             judge_fn = load_judge(af, model_args, policy, tokenizer) if af.mode == "judge" else None

@@ -5,7 +5,7 @@
 Each round: sample N responses per prompt from the current policy, score them (the GSM8K grader, a reward model or
 the combined helpfulness + safety reward), keep the best per prompt (of this round, or of all rounds so far), fine-
 tune with SFT on the kept set (or, `method: iterative_dpo`, DPO on best-vs-worst pairs), evaluate. Every stage is a
-file under `output_dir/round_<k>/` (see loop.py), so a killed run relaunched with the same command redoes nothing.
+file under `output_dir/round_<k>/` (see rundir.py), so a killed run relaunched with the same command redoes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ from recipes.common.errors import run_cli
 from recipes.common.outputs import mark_finished
 from recipes.common.policy import load_policy_tokenizer
 from recipes.common.tracking import check_parent_runs, init_wandb, run_location
-from recipes.rejection_sampling import loop
+from recipes.rejection_sampling.loop import PolicyCache, run_round
+from recipes.rejection_sampling.prompts import build_scorer, load_prompts
+from recipes.rejection_sampling.reporting import copy_policy_files, log_summary, summary_table
+from recipes.rejection_sampling.rundir import open_run_dir
+from recipes.rejection_sampling.sampling import check_backend
 
 
 @dataclass
@@ -90,7 +94,7 @@ def check_settings(rs: RejectionSamplingArguments, training_args: SFTConfig) -> 
         raise ConfigError("scorer: combined needs `safety_reward_model_path` as well as `reward_model_path`.")
     if training_args.eval_strategy != "no":
         raise ConfigError("Rounds are evaluated by the evaluation suite after each round: set `eval_strategy: no`.")
-    loop.check_backend(rs.generation_backend)
+    check_backend(rs.generation_backend)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,18 +106,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Prompts and scorer: checked before any model loads, so a missing answer or RM path fails in seconds.
     tokenizer = load_policy_tokenizer(model_args, require_chat_template=True)
-    prompts = loop.load_prompts(
+    prompts = load_prompts(
         recipe_args, rs, recipe_args.dataset_train_split, recipe_args.max_train_samples, tokenizer, training_args.seed
     )
     heldout = []
     if rs.eval_reward_samples > 0 and recipe_args.dataset_test_split:
-        heldout = loop.load_prompts(
+        heldout = load_prompts(
             recipe_args, rs, recipe_args.dataset_test_split, recipe_args.max_eval_samples, tokenizer, training_args.seed
         )
-    scorer = loop.build_scorer(rs)
+    scorer = build_scorer(rs)
 
     config = config_to_dict(recipe_args, training_args, model_args, rs)
-    record = loop.open_run_dir(training_args.output_dir, config, recipe_args.overwrite_output_dir, state)
+    record = open_run_dir(training_args.output_dir, config, recipe_args.overwrite_output_dir, state)
     run = init_wandb(
         training_args.report_to,
         project=recipe_args.wandb_project,
@@ -135,10 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Round 0 is the starting policy, evaluated; round k samples from policy k-1, selects, trains policy k.
-    cache = loop.PolicyCache(model_args)
+    cache = PolicyCache(model_args)
     try:
         results = [
-            loop.run_round(
+            run_round(
                 k,
                 rs,
                 recipe_args,
@@ -160,13 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
             run.finish(exit_code=1)
         raise
 
-    summary = loop.summary_table(results)
+    summary = summary_table(results)
     if state.is_main_process:
-        loop.log_summary(run, results)
+        log_summary(run, results)
         final = {f"round_{r['round']}/{name}": value for r in results for name, value in r["metrics"].items()}
         final.update(results[-1]["metrics"])  # the final policy's figures under the names every recipe uses
         # The final policy also sits at output_dir itself, so the run loads like every other recipe's output.
-        loop.copy_policy_files(results[-1]["policy"], training_args.output_dir)
+        copy_policy_files(results[-1]["policy"], training_args.output_dir)
         mark_finished(
             training_args.output_dir,
             {"stage": "rejection_sampling", "metrics": final, "wandb": run_location(run), "start_model": sft_policy},

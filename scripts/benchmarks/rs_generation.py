@@ -32,7 +32,7 @@ from eval.generation import generate  # noqa: E402
 from recipes.common.config import QLoRAModelConfig  # noqa: E402
 from recipes.common.errors import UserError, run_cli  # noqa: E402
 from recipes.common.policy import load_policy_tokenizer  # noqa: E402
-from recipes.rejection_sampling.loop import load_generation_model  # noqa: E402
+from recipes.rejection_sampling.sampling import load_generation_model  # noqa: E402
 
 
 def load_prompt_texts(prompts_dir: Path, tokenizer, num_prompts: int) -> list[str]:

@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.gsm8k import grade
 from recipes.common.outputs import mark_finished
-from recipes.rejection_sampling import loop
+from recipes.rejection_sampling import loop, rundir
+from recipes.rejection_sampling import train as rs_train
 from recipes.rejection_sampling.selection import ScorerError
 from recipes.rejection_sampling.train import main
 
@@ -166,7 +167,7 @@ def test_metrics_per_round_are_finite_and_logged(resumed_run: dict) -> None:
 def test_relaunch_with_another_config_is_refused(resumed_run: dict, demo_dir: Path, start_policy: Path) -> None:
     output_dir = resumed_run["output_dir"]
     before = snapshot(output_dir)
-    with pytest.raises(loop.RoundStateError, match=r"num_samples: 4 -> 3"):
+    with pytest.raises(rundir.RoundStateError, match=r"num_samples: 4 -> 3"):
         main(rs_args(demo_dir, start_policy, output_dir, "--num_samples", "3"))
     assert snapshot(output_dir) == before
 
@@ -176,7 +177,9 @@ def test_nan_scorer_stops_the_next_round_and_leaves_earlier_ones(
 ) -> None:
     output_dir = resumed_run["output_dir"]
     before = {k: v for k, v in snapshot(output_dir).items() if k.startswith(("round_0", "round_1"))}
-    monkeypatch.setattr(loop, "build_scorer", lambda rs: lambda rows, completions: [float("nan")] * len(completions))
+    monkeypatch.setattr(
+        rs_train, "build_scorer", lambda rs: lambda rows, completions: [float("nan")] * len(completions)
+    )
     with pytest.raises(ScorerError, match="returned nan for sample 0"):
         main(rs_args(demo_dir, start_policy, output_dir, "--num_rounds", "2", "--report_to", "none"))
     after = snapshot(output_dir)
@@ -189,7 +192,7 @@ def test_iterative_dpo_round(
 ) -> None:
     # A scorer that prefers shorter answers always separates best from worst, so every prompt yields a pair.
     monkeypatch.setattr(
-        loop, "build_scorer", lambda rs: lambda rows, completions: [100.0 - len(c) for c in completions]
+        rs_train, "build_scorer", lambda rs: lambda rows, completions: [100.0 - len(c) for c in completions]
     )
     output_dir = tmp_path / "dpo"
     extra = ["--method", "iterative_dpo", "--eval_tasks", "", "--eval_reward_samples", "0", "--report_to", "none"]

@@ -25,7 +25,8 @@ from recipes.common.modeling import ModelLoadError
 from recipes.common.outputs import OutputDirError
 from recipes.common.reward import RewardModelError
 from recipes.grpo.rewards import RewardFunctionError
-from recipes.rejection_sampling.loop import RejectionSamplingError, RoundStateError
+from recipes.rejection_sampling.loop import RejectionSamplingError
+from recipes.rejection_sampling.rundir import RoundStateError
 from recipes.rejection_sampling.selection import ScorerError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,8 @@ from accelerate import PartialState
 import eval.gsm8k
 from recipes.common.config import ConfigError
 from recipes.common.data import DataError
-from recipes.rejection_sampling import loop
+from recipes.rejection_sampling import rundir, shards
+from recipes.rejection_sampling.prompts import build_scorer, load_prompts
 from recipes.rejection_sampling.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -37,18 +38,18 @@ def test_sharded_work_resumes_with_only_unfinished_chunks(tmp_path: Path) -> Non
     out = tmp_path / "generations.jsonl"
     state = PartialState()
     with pytest.raises(Interrupted):
-        loop.run_sharded(items, lambda it: str(it["id"]), lambda c: work(c, fail_on=7), out, 3, state)
+        shards.run_sharded(items, lambda it: str(it["id"]), lambda c: work(c, fail_on=7), out, 3, state)
     assert not out.exists() and calls == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     part = tmp_path / "generations.part-0.jsonl"
     with part.open("a") as handle:
         handle.write('{"key": "6", "recor')  # a line torn by the kill
     calls.clear()
-    records = loop.run_sharded(items, lambda it: str(it["id"]), work, out, 3, state)
+    records = shards.run_sharded(items, lambda it: str(it["id"]), work, out, 3, state)
     assert calls == [[6, 7, 8], [9]]  # finished chunks are not redone
     assert [(r["id"], r["j"]) for r in records] == [(i, j) for i in range(10) for j in range(2)]
     assert not part.exists()
     calls.clear()
-    assert loop.run_sharded(items, lambda it: str(it["id"]), work, out, 3, state) == records and calls == []
+    assert shards.run_sharded(items, lambda it: str(it["id"]), work, out, 3, state) == records and calls == []
 
 
 def config(**changes) -> dict:
@@ -66,21 +67,21 @@ def config(**changes) -> dict:
 def test_run_dir_fingerprint_allows_more_rounds_but_not_another_config(tmp_path: Path) -> None:
     state = PartialState()
     out = tmp_path / "run"
-    record = loop.open_run_dir(str(out), config(), False, state)
+    record = rundir.open_run_dir(str(out), config(), False, state)
     (out / "round_1").mkdir()
-    loop.start_round(out / "round_1", 1, record, {}, state)
+    rundir.start_round(out / "round_1", 1, record, {}, state)
     (out / "round_1" / "samples.jsonl").write_text("{}\n")
     # Bookkeeping settings (rounds, logging, output dir, W&B) may change on a relaunch.
     same = config(
         RejectionSamplingArguments__num_rounds=5, SFTConfig__logging_steps=1, RecipeArguments__wandb_project="q"
     )
-    assert loop.open_run_dir(str(out), same, False, state)["fingerprint"] == record["fingerprint"]
+    assert rundir.open_run_dir(str(out), same, False, state)["fingerprint"] == record["fingerprint"]
     changed = config(RejectionSamplingArguments__num_samples=8)
-    with pytest.raises(loop.RoundStateError, match=r"num_samples: 4 -> 8"):
-        loop.open_run_dir(str(out), changed, False, state)
+    with pytest.raises(rundir.RoundStateError, match=r"num_samples: 4 -> 8"):
+        rundir.open_run_dir(str(out), changed, False, state)
     assert (out / "round_1" / "samples.jsonl").read_text() == "{}\n"
     # With overwrite the old rounds move aside, nothing is deleted.
-    loop.open_run_dir(str(out), changed, True, state)
+    rundir.open_run_dir(str(out), changed, True, state)
     [backup] = list(out.glob("previous-*"))
     assert (backup / "round_1" / "samples.jsonl").read_text() == "{}\n" and not (out / "round_1").exists()
 
@@ -88,19 +89,21 @@ def test_run_dir_fingerprint_allows_more_rounds_but_not_another_config(tmp_path:
 def test_round_dir_from_another_run_is_refused(tmp_path: Path) -> None:
     state = PartialState()
     first, second = tmp_path / "a", tmp_path / "b"
-    record = loop.open_run_dir(str(first), config(), False, state)
-    loop.open_run_dir(str(second), config(RejectionSamplingArguments__selection="best_of_all_rounds"), False, state)
+    record = rundir.open_run_dir(str(first), config(), False, state)
+    rundir.open_run_dir(str(second), config(RejectionSamplingArguments__selection="best_of_all_rounds"), False, state)
     (first / "round_1").mkdir()
-    loop.start_round(first / "round_1", 1, record, {}, state)
+    rundir.start_round(first / "round_1", 1, record, {}, state)
     (first / "round_1").rename(second / "round_1")
-    with pytest.raises(loop.RoundStateError, match="different config"):
-        loop.open_run_dir(str(second), config(RejectionSamplingArguments__selection="best_of_all_rounds"), False, state)
+    with pytest.raises(rundir.RoundStateError, match="different config"):
+        rundir.open_run_dir(
+            str(second), config(RejectionSamplingArguments__selection="best_of_all_rounds"), False, state
+        )
 
 
 def test_a_directory_that_is_not_a_run_is_left_alone(tmp_path: Path) -> None:
     (tmp_path / "adapter_model.safetensors").write_text("weights")
-    with pytest.raises(loop.RoundStateError, match="not a rejection-sampling run dir"):
-        loop.open_run_dir(str(tmp_path), config(), False, PartialState())
+    with pytest.raises(rundir.RoundStateError, match="not a rejection-sampling run dir"):
+        rundir.open_run_dir(str(tmp_path), config(), False, PartialState())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]
 
 
@@ -132,15 +135,15 @@ def test_prompts_are_filtered_and_checked(tmp_path: Path) -> None:
         {"prompt": [{"role": "user", "content": "Hi"}], "answer": "", "task": "chat"},
     ]
     data = SimpleNamespace(dataset_name=write_prompts(tmp_path / "p", rows), dataset_config=None)
-    prompts = loop.load_prompts(data, prompt_settings(prompt_tasks=["math"]), "train", None, StubTokenizer(), 0)
+    prompts = load_prompts(data, prompt_settings(prompt_tasks=["math"]), "train", None, StubTokenizer(), 0)
     assert [(p["prompt_id"], p["user"], p["answer"], p["text"]) for p in prompts] == [
         (0, "1+1?", "#### 2", "<s>1+1?\nA:")
     ]
     with pytest.raises(DataError, match=r"1 of 2 prompts have no reference `answer`.*prompt_tasks"):
-        loop.load_prompts(data, prompt_settings(), "train", None, StubTokenizer(), 0)
-    assert len(loop.load_prompts(data, prompt_settings(scorer="reward_model"), "train", None, StubTokenizer(), 0)) == 2
+        load_prompts(data, prompt_settings(), "train", None, StubTokenizer(), 0)
+    assert len(load_prompts(data, prompt_settings(scorer="reward_model"), "train", None, StubTokenizer(), 0)) == 2
     with pytest.raises(DataError, match=r"holds no prompts of tasks \['unsafe'\]"):
-        loop.load_prompts(data, prompt_settings(prompt_tasks=["unsafe"]), "train", None, StubTokenizer(), 0)
+        load_prompts(data, prompt_settings(prompt_tasks=["unsafe"]), "train", None, StubTokenizer(), 0)
 
 
 def test_gsm8k_scorer_is_the_evaluation_suites_grader(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,7 +155,7 @@ def test_gsm8k_scorer_is_the_evaluation_suites_grader(monkeypatch: pytest.Monkey
         return real_grade(completion, reference, mode)
 
     monkeypatch.setattr(eval.gsm8k, "grade", spy)
-    scorer = loop.build_scorer(SimpleNamespace(scorer="gsm8k", grader_mode="strict"))
+    scorer = build_scorer(SimpleNamespace(scorer="gsm8k", grader_mode="strict"))
     rows = [{"answer": "3+4=7\n#### 7"}, {"answer": "#### 1,000"}]
     assert scorer(rows, ["so #### 7", "#### 999"]) == [1.0, 0.0]
     assert calls == [("so #### 7", "3+4=7\n#### 7", "strict"), ("#### 999", "#### 1,000", "strict")]
