@@ -182,13 +182,18 @@ def check_same_command(command_file: Path, command: list[str], output_dir: Path)
     )
 
 
+def train_command_file(output_dir: Path) -> Path:
+    """Where `train` records the launch command of a run (beside its log), for `check_same_command`."""
+    return output_dir.parent / "logs" / f"{output_dir.name}.train_command.json"
+
+
 def train(study: dict, method: str, seed: int, output_dir: Path) -> float:
-    """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused)."""
+    """Launch the method's recipe with the study's overrides; returns its wall seconds (as recorded, when reused).
+    A finished run is reused as is: `main` has checked, before any work, that it was launched the same way."""
     seconds_file = output_dir.parent / "logs" / f"{output_dir.name}.train_seconds"
-    command_file = output_dir.parent / "logs" / f"{output_dir.name}.train_command.json"
+    command_file = train_command_file(output_dir)
     command = launch_command(study, method, seed, output_dir)
     if (output_dir / FINISHED_MARKER).is_file():
-        check_same_command(command_file, command, output_dir)
         log(f"{method} seed {seed}: already trained ({output_dir})")
         return float(seconds_file.read_text()) if seconds_file.is_file() else float("nan")
     log(f"{method} seed {seed}: training -> {output_dir}")
@@ -651,8 +656,7 @@ def main(argv: list[str] | None = None) -> Path:
     for method, seed in runs:  # before any work: a finished run launched with other settings is an error, not reused
         run_dir = out / f"{method}-seed{seed}"
         if (run_dir / FINISHED_MARKER).is_file():
-            command_file = out / "logs" / f"{run_dir.name}.train_command.json"
-            check_same_command(command_file, launch_command(study, method, seed, run_dir), run_dir)
+            check_same_command(train_command_file(run_dir), launch_command(study, method, seed, run_dir), run_dir)
     # Evaluations run in `--jobs` long-lived worker processes; trainings are recipe launches, as a user runs them.
     eval_workers = ProcessPoolExecutor(
         max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_eval_worker,

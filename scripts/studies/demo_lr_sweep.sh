@@ -36,22 +36,34 @@ dev_accuracy() {  # dev_accuracy MODEL_DIR: GSM8K accuracy on the dev problems, 
 
 sweep() {  # sweep METHOD LR: the study's launch of METHOD (scripts/studies/demo.yaml) at learning rate LR
   local method=$1 lr=$2 run="$OUT/$1-lr$2"
-  if [ ! -f "$run/run_complete.json" ]; then
-    if [ "$method" = dpo ]; then
-      accelerate launch recipes/dpo/train.py --config recipes/dpo/config.yaml --max_steps 32 \
-        --dataset_name "$STUDY/math_pairs" --model_name_or_path outputs/demo/sft --output_dir "$run" --seed 0 \
-        --eval_tasks gsm8k --eval_num_samples 32 --learning_rate "$lr" --run_name "lr-sweep-dpo-$lr" >"$run.log" 2>&1
-    else
-      accelerate launch recipes/ppo/train.py --config recipes/ppo/config.yaml --total_episodes 256 \
-        --reward_source reward_model --reward_model_path "$STUDY/math_reward" --dataset_name outputs/demo/data/math \
-        --model_name_or_path outputs/demo/sft --output_dir "$run" --seed 0 --eval_tasks gsm8k --eval_num_samples 32 --eval_steps 2 \
-        --learning_rate "$lr" --run_name "lr-sweep-ppo-$lr" >"$run.log" 2>&1
-    fi
+  if [ ! -f "$run/run_complete.json" ] && ! train_one "$method" "$lr" "$run"; then
+    echo "$method lr $lr FAILED; last lines of $run.log:" >&2
+    tail -n 20 "$run.log" >&2
+    return 1
   fi
   echo "$method lr $lr: dev GSM8K $(dev_accuracy "$run")"
 }
 
+train_one() {  # train_one METHOD LR RUN_DIR
+  local method=$1 lr=$2 run=$3
+  if [ "$method" = dpo ]; then
+    accelerate launch recipes/dpo/train.py --config recipes/dpo/config.yaml --max_steps 32 \
+      --dataset_name "$STUDY/math_pairs" --model_name_or_path outputs/demo/sft --output_dir "$run" --seed 0 \
+      --eval_tasks gsm8k --eval_num_samples 32 --learning_rate "$lr" --run_name "lr-sweep-dpo-$lr" >"$run.log" 2>&1
+  else
+    accelerate launch recipes/ppo/train.py --config recipes/ppo/config.yaml --total_episodes 256 \
+      --reward_source reward_model --reward_model_path "$STUDY/math_reward" --dataset_name outputs/demo/data/math \
+      --model_name_or_path outputs/demo/sft --output_dir "$run" --seed 0 --eval_tasks gsm8k --eval_num_samples 32 --eval_steps 2 \
+      --learning_rate "$lr" --run_name "lr-sweep-ppo-$lr" >"$run.log" 2>&1
+  fi
+}
+
 echo "sft: dev GSM8K $(dev_accuracy outputs/demo/sft)"
 (for lr in 5e-5 1e-4 2e-4 3e-4 5e-4; do sweep dpo $lr; done) &
+dpo_lane=$!
 (for lr in 2e-4 5e-4 1e-3 2e-3; do sweep ppo $lr; done) &
-wait
+ppo_lane=$!
+status=0
+wait "$dpo_lane" || status=1
+wait "$ppo_lane" || status=1
+exit "$status"  # a bare `wait` would exit 0 whatever the lanes did
